@@ -1,0 +1,34 @@
+# taptalk: PostgreSQL extension that requests TapTalk.io auth tickets
+
+MODULE_big = taptalk
+OBJS = src/taptalk.o src/request.o src/response.o src/transport.o
+
+EXTENSION = taptalk
+DATA = taptalk--1.0.sql
+
+REGRESS = init validation request response faults cancel privileges trigger batch reuse
+REGRESS_OPTS = --inputdir=.
+
+CURL_CONFIG ?= curl-config
+PG_CPPFLAGS = -I$(srcdir)/src $(shell $(CURL_CONFIG) --cflags) -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
+SHLIB_LINK = $(shell $(CURL_CONFIG) --libs)
+
+EXTRA_CLEAN = results regression.diffs regression.out
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+# The two commands of the README; both do their own set-up.
+.PHONY: demo test bench soak
+demo:
+	./scripts/demo
+
+test:
+	./scripts/test
+
+bench:
+	./scripts/bench
+
+soak:
+	./scripts/soak

@@ -1,0 +1,58 @@
+--
+-- init: the extension, the roles and the helpers the other tests use.
+-- The cluster was started by scripts/test with taptalk preloaded and the
+-- settings pointing at the mock TapTalk server (see scripts/lib.sh).
+--
+CREATE EXTENSION taptalk;
+CREATE EXTENSION dblink;
+
+\dx+ taptalk
+
+-- the result type, column by column, in the specified order
+SELECT attnum, attname, format_type(atttypid, atttypmod)
+FROM pg_attribute
+WHERE attrelid = 'taptalk_auth_ticket_result'::regclass AND attnum > 0
+ORDER BY attnum;
+
+-- EXECUTE is not granted to PUBLIC
+SELECT p.proname, p.proisstrict, p.provolatile, p.proacl
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE p.proname LIKE 'taptalk%'
+ORDER BY 1;
+
+-- an application role, and one that may call the function
+CREATE ROLE taptalk_app LOGIN;
+CREATE ROLE taptalk_caller LOGIN;
+GRANT EXECUTE ON FUNCTION taptalk_auth_ticket(jsonb) TO taptalk_caller;
+
+-- A valid request; the tests change one thing at a time with ||.
+CREATE FUNCTION req(xc text) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+	SELECT jsonb_build_object(
+		'userIPAddress', '182.253.177.234',
+		'userAgent', 'AdvancedRestClient/12.1.14',
+		'userPlatform', 'android',
+		'userDeviceID', 'aaaa-bbbb-cccc-dddd',
+		'xcUserID', xc,
+		'fullName', 'Jony')
+$$;
+
+-- Position in the mock's log, and the events logged after a position.
+CREATE FUNCTION mock_mark() RETURNS bigint LANGUAGE sql AS $$
+	SELECT (pg_stat_file(current_setting('mock.log'))).size
+$$;
+CREATE FUNCTION mock_events(since bigint) RETURNS SETOF jsonb LANGUAGE sql AS $$
+	SELECT line::jsonb
+	FROM regexp_split_to_table(
+		pg_read_file(current_setting('mock.log'), since, mock_mark() - since),
+		E'\n') AS line
+	WHERE line <> ''
+$$;
+CREATE FUNCTION mock_requests(since bigint) RETURNS SETOF jsonb LANGUAGE sql AS $$
+	SELECT e FROM mock_events(since) e WHERE e->>'event' = 'request'
+$$;
+CREATE FUNCTION mock_connections(since bigint) RETURNS bigint LANGUAGE sql AS $$
+	SELECT count(*) FROM mock_events(since) e WHERE e->>'event' = 'connection'
+$$;
+
+-- the mock answers, so the set-up works end to end
+SELECT * FROM taptalk_auth_ticket(req('init-1'));

@@ -1,0 +1,38 @@
+--
+-- privileges: who may point the request, read the key and call the function.
+--
+-- the settings' contexts and flags
+SELECT name, context, vartype, unit, min_val, max_val, boot_val
+FROM pg_settings WHERE name LIKE 'taptalk.%' ORDER BY name;
+
+\c - taptalk_app
+-- a non-superuser cannot SET where the request goes, nor the key
+SET taptalk.base_url = 'http://attacker.example';
+SET taptalk.server_key_id = 'x';
+SET taptalk.server_key_secret = 'x';
+SET taptalk.ca_file = '/tmp/evil.pem';
+SELECT set_config('taptalk.base_url', 'http://attacker.example', true);
+-- but may tune its own timeouts
+SET taptalk.timeout_ms = '2s';
+SHOW taptalk.timeout_ms;
+RESET taptalk.timeout_ms;
+-- cannot read the secret by any route
+SHOW taptalk.server_key_secret;
+SELECT current_setting('taptalk.server_key_secret');
+SELECT count(*) FROM pg_settings WHERE name = 'taptalk.server_key_secret';
+SELECT count(*) FROM pg_file_settings WHERE name LIKE 'taptalk.%';
+SELECT count(*) AS rows_with_secret
+FROM pg_settings WHERE setting LIKE '%' || 'test-key-secret' || '%';
+-- the key id and the base URL are not secret
+SHOW taptalk.server_key_id;
+-- cannot call the function until granted
+SELECT * FROM taptalk_auth_ticket(req('priv-1'));
+SELECT * FROM taptalk_auth_tickets(ARRAY[req('priv-1')]);
+
+\c - taptalk_caller
+SELECT * FROM taptalk_auth_ticket(req('priv-2'));
+SHOW taptalk.server_key_secret;
+
+\c - postgres
+-- the superuser sees the secret
+SELECT current_setting('taptalk.server_key_secret') = 'test-key-secret-Zq8X' AS superuser_reads_secret;

@@ -1,0 +1,89 @@
+/*-------------------------------------------------------------------------
+ *
+ * taptalk.h
+ *	  Declarations shared by the taptalk extension's source files: the
+ *	  settings, the result of one auth ticket request, and the entry points
+ *	  of request building, transport and response mapping.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef TAPTALK_H
+#define TAPTALK_H
+
+#include "postgres.h"
+
+#include "lib/stringinfo.h"
+#include "utils/jsonb.h"
+
+#define TAPTALK_VERSION "1.0"
+
+/* path of the Request Auth Ticket endpoint, appended to taptalk.base_url */
+#define TAPTALK_AUTH_TICKET_PATH "/v1/server/auth_ticket/request"
+
+/* a response body larger than this is cut off while reading */
+#define TAPTALK_MAX_RESPONSE_BYTES (1024 * 1024)
+
+/* upper bound of taptalk.max_concurrency */
+#define TAPTALK_MAX_CONCURRENCY 256
+
+/* TapTalk's own code for a failed parameter check */
+#define TAPTALK_CODE_PARAM_FAILED "40002"
+
+/* codes of our own, for what happened on the way */
+#define TAPTALK_CODE_TIMEOUT "TIMEOUT"
+#define TAPTALK_CODE_CONNECTION_FAILED "CONNECTION_FAILED"
+#define TAPTALK_CODE_HTTP_ERROR "HTTP_ERROR"
+#define TAPTALK_CODE_INVALID_RESPONSE "INVALID_RESPONSE"
+
+/*
+ * The outcome of one request, as returned to SQL.  A NULL pointer is a SQL
+ * NULL.  Either user_id and ticket are set, or error_code is.
+ */
+typedef struct TaptalkResult
+{
+	char	   *user_id;
+	char	   *ticket;
+	char	   *error_code;
+	char	   *error_field;
+	char	   *error_message;
+} TaptalkResult;
+
+/* settings (taptalk.c) */
+extern char *taptalk_base_url;
+extern char *taptalk_server_key_id;
+extern char *taptalk_server_key_secret;
+extern char *taptalk_ca_file;
+extern int	taptalk_timeout_ms;
+extern int	taptalk_connect_timeout_ms;
+extern int	taptalk_max_concurrency;
+extern int	taptalk_max_retries;
+
+/* request.c */
+extern bool taptalk_build_request(Jsonb *request, StringInfo body,
+								  TaptalkResult *failure);
+extern const char *taptalk_jsonb_root_kind(Jsonb *jb);
+
+/* response.c */
+extern void taptalk_map_response(long http_status, const char *body,
+								 size_t len, TaptalkResult *result);
+extern void taptalk_set_error(TaptalkResult *result, const char *code,
+							  const char *field, const char *message);
+
+/* transport.c */
+
+/*
+ * A source of requests for taptalk_transport_run.  next() fills body with the
+ * next request to send and sets *id, or returns false when there are no more;
+ * it may also settle requests itself (validation failures) by calling the
+ * done callback.  done() receives each finished request's result, whose
+ * strings live only until done() returns.  Both run outside libcurl, so they
+ * may allocate and raise errors.
+ */
+typedef bool (*taptalk_next_fn) (void *arg, int *id, StringInfo body);
+typedef void (*taptalk_done_fn) (void *arg, int id, TaptalkResult *result);
+
+extern void taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done,
+								  void *arg, int concurrency);
+extern void taptalk_transport_shutdown(void);
+
+#endif							/* TAPTALK_H */
