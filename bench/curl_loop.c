@@ -25,6 +25,7 @@
 static size_t
 discard(char *data, size_t size, size_t nmemb, void *userdata)
 {
+	(void) data;
 	*(size_t *) userdata += size * nmemb;
 	return size * nmemb;
 }

@@ -35,6 +35,8 @@ SELECT * FROM taptalk_auth_ticket(req('fault-nul'));
 SELECT * FROM taptalk_auth_ticket(req('fault-badutf8'));
 SELECT * FROM taptalk_auth_ticket(req('fault-deep-10000'));
 SELECT * FROM taptalk_auth_ticket(req('fault-deep-50'));
--- bodies over 1 MiB are cut off
+-- bodies over 1 MiB are refused: announced by Content-Length, or cut off
+-- while reading when the length is not announced
 SELECT * FROM taptalk_auth_ticket(req('fault-huge-5'));
+SELECT * FROM taptalk_auth_ticket(req('fault-hugechunked-5'));
 SELECT * FROM taptalk_auth_ticket(req('fault-bigticket'));

@@ -102,6 +102,8 @@ API contract
      fault-numeric-userid       200 envelope, userID 4242 (a number),
                                 ticket "ticket-numeric"
      fault-huge-<MiB>           200 application/json of <MiB> MiB, streamed
+     fault-hugechunked-<MiB>    the same without Content-Length (chunked), so
+                                the client only learns the size by reading
      fault-endless              200 chunked, 1 KiB of spaces every 10 ms
                                 (gives up after 120 s)
      fault-endless-headers      status line then an endless stream of
@@ -702,6 +704,10 @@ class Connection:
             mib = parse_uint(f[5:], 6)
             if mib is not None:
                 return self.huge(req, min(mib, 102400))
+        elif f.startswith("hugechunked-"):
+            mib = parse_uint(f[12:], 6)
+            if mib is not None:
+                return self.huge(req, min(mib, 102400), chunked=True)
         elif f == "endless":
             return self.endless()
         elif f == "endless-headers":
@@ -749,27 +755,36 @@ class Connection:
                                   "Param 'email' is invalid", "107")
         return self.json_resp(req, 200, success_body(x))
 
-    def huge(self, req, mib):
+    def huge(self, req, mib, chunked=False):
         total = mib * 1048576
         keep = req.keep_alive
+        length = ("Transfer-Encoding: chunked" if chunked
+                  else "Content-Length: %d" % total)
         head = ("HTTP/1.1 200 OK\r\nServer: mock-taptalk\r\n"
                 "Content-Type: application/json\r\n"
-                "Content-Length: %d\r\nConnection: %s\r\n\r\n"
-                % (total, "keep-alive" if keep else "close")).encode("ascii")
+                "%s\r\nConnection: %s\r\n\r\n"
+                % (length, "keep-alive" if keep else "close")).encode("ascii")
         start = b'{"status":200,"data":{"userID":"1","ticket":"'[:total]
         first_len = min(total, CHUNK)
         first = start + b"A" * (first_len - len(start))
         fill = memoryview(b"A" * CHUNK)
+
+        def frame(data):
+            if not chunked:
+                return bytes(data)
+            return b"%x\r\n" % len(data) + bytes(data) + b"\r\n"
         try:
             self.sock.settimeout(STREAM_TIMEOUT)
         except OSError:
             return False
-        self.send(head + first)
+        self.send(head + frame(first))
         left = total - first_len
         while left > 0:
             n = min(left, CHUNK)
-            self.send(fill[:n])
+            self.send(frame(fill[:n]))
             left -= n
+        if chunked:
+            self.send(b"0\r\n\r\n")
         try:
             self.sock.settimeout(IO_TIMEOUT)
         except OSError:
