@@ -523,6 +523,18 @@ release_slot(Slot *slot)
 	resetStringInfo(&slot->body);
 }
 
+/* Report a request that libcurl refused to start, and free its slot. */
+static void
+settle_start_failure(Slot *slot, taptalk_done_fn done, void *arg)
+{
+	TaptalkResult result;
+
+	taptalk_set_error(&result, TAPTALK_CODE_CONNECTION_FAILED, NULL,
+					  slot->errbuf);
+	release_slot(slot);
+	done(arg, slot->id, &result);
+}
+
 static Slot *
 free_slot(int concurrency)
 {
@@ -588,13 +600,8 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 															 taptalk_timeout_ms);
 				if (!start_attempt(slot, url, headers))
 				{
-					TaptalkResult result;
-
-					taptalk_set_error(&result, TAPTALK_CODE_CONNECTION_FAILED,
-									  NULL, slot->errbuf);
-					release_slot(slot);
+					settle_start_failure(slot, done, arg);
 					busy--;
-					done(arg, slot->id, &result);
 				}
 			}
 			if (busy == 0)
@@ -613,13 +620,8 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 					slot->attempt++;
 					if (!start_attempt(slot, url, headers))
 					{
-						TaptalkResult result;
-
-						taptalk_set_error(&result, TAPTALK_CODE_CONNECTION_FAILED,
-										  NULL, slot->errbuf);
-						release_slot(slot);
+						settle_start_failure(slot, done, arg);
 						busy--;
-						done(arg, slot->id, &result);
 					}
 				}
 				else
