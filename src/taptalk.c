@@ -221,6 +221,29 @@ check_configuration(void)
 				 errhint("Set taptalk.server_key_secret in postgresql.conf or with ALTER SYSTEM.")));
 }
 
+/*
+ * The declared result type's descriptor, blessed; looked up once per call
+ * site and kept in fn_extra, since trigger and batch callers call us per row.
+ */
+static TupleDesc
+result_tupdesc(FunctionCallInfo fcinfo)
+{
+	TupleDesc	tupdesc = (TupleDesc) fcinfo->flinfo->fn_extra;
+
+	if (tupdesc == NULL)
+	{
+		MemoryContext old;
+
+		if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+			elog(ERROR, "return type must be a row type");
+		old = MemoryContextSwitchTo(fcinfo->flinfo->fn_mcxt);
+		tupdesc = BlessTupleDesc(CreateTupleDescCopy(tupdesc));
+		MemoryContextSwitchTo(old);
+		fcinfo->flinfo->fn_extra = tupdesc;
+	}
+	return tupdesc;
+}
+
 /* Fill values/nulls from a result, starting at column `first`. */
 static void
 result_to_columns(const TaptalkResult *result, Datum *values, bool *nulls,
@@ -295,9 +318,7 @@ taptalk_auth_ticket(PG_FUNCTION_ARGS)
 	Datum		values[RESULT_NATTS];
 	bool		nulls[RESULT_NATTS];
 
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
-	tupdesc = BlessTupleDesc(tupdesc);
+	tupdesc = result_tupdesc(fcinfo);
 
 	check_configuration();
 

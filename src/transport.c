@@ -73,6 +73,11 @@ static char *multi_base_url = NULL;
 static char *multi_ca_file = NULL;
 
 static Slot **slots = NULL;		/* TopMemoryContext */
+
+/* the request headers, kept while the key they were built from is unchanged */
+static struct curl_slist *cached_headers = NULL;
+static char *cached_key_id = NULL;		/* malloc'd copies, wiped when freed */
+static char *cached_key_secret = NULL;
 static int	nslots = 0;
 
 /*
@@ -150,11 +155,33 @@ free_slot_handles(void)
 	}
 }
 
+static void
+free_wiped(char *s)
+{
+	if (s != NULL)
+	{
+		explicit_bzero(s, strlen(s));
+		free(s);
+	}
+}
+
+static void
+forget_headers(void)
+{
+	curl_slist_free_all(cached_headers);
+	cached_headers = NULL;
+	free_wiped(cached_key_id);
+	free_wiped(cached_key_secret);
+	cached_key_id = NULL;
+	cached_key_secret = NULL;
+}
+
 /* Close every connection and free every libcurl handle. */
 void
 taptalk_transport_shutdown(void)
 {
 	free_slot_handles();
+	forget_headers();
 	if (multi != NULL)
 		curl_multi_cleanup(multi);
 	multi = NULL;
@@ -305,6 +332,32 @@ build_headers(void)
 				 errmsg("out of memory"),
 				 errdetail("Could not build the request headers.")));
 	return list;
+}
+
+/*
+ * The headers for the current key: built again only when the key changed,
+ * so a rotated key takes effect on the next call.
+ */
+static struct curl_slist *
+current_headers(void)
+{
+	if (cached_headers != NULL &&
+		strcmp(cached_key_id, taptalk_server_key_id) == 0 &&
+		strcmp(cached_key_secret, taptalk_server_key_secret) == 0)
+		return cached_headers;
+
+	forget_headers();
+	cached_headers = build_headers();
+	cached_key_id = strdup(taptalk_server_key_id);
+	cached_key_secret = strdup(taptalk_server_key_secret);
+	if (cached_key_id == NULL || cached_key_secret == NULL)
+	{
+		forget_headers();
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	}
+	return cached_headers;
 }
 
 static long
@@ -564,7 +617,7 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 
 	prepare_transport(concurrency);
 	url = endpoint_url();
-	headers = build_headers();
+	headers = current_headers();
 	per_result = AllocSetContextCreate(CurrentMemoryContext,
 									   "taptalk result",
 									   ALLOCSET_SMALL_SIZES);
@@ -674,7 +727,6 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 			if (slots[i]->busy || slots[i]->attached)
 				release_slot(slots[i]);
 		}
-		curl_slist_free_all(headers);
 		MemoryContextDelete(per_result);
 	}
 	PG_END_TRY();
