@@ -11,8 +11,10 @@
  * PostgreSQL's own error, raised by CHECK_FOR_INTERRUPTS outside libcurl.
  * The libcurl callbacks never allocate with palloc, raise or jump: they copy
  * into bounded buffers and return an abort code when a bound is passed.
- * Whatever way the loop is left, a PG_FINALLY block detaches every transfer
- * and frees the header list, so handles stay reusable and nothing leaks.
+ * Whatever way the loop is left, a PG_FINALLY block detaches every transfer,
+ * so handles stay reusable and nothing leaks.  Handles, the header list and
+ * the buffers are kept for the next call; they are freed when a setting they
+ * depend on changes and when the backend exits.
  *
  *-------------------------------------------------------------------------
  */
@@ -68,17 +70,21 @@ typedef struct Slot
 static bool curl_ready = false;
 static CURLM *multi = NULL;
 
-/* the settings the connection cache was built for */
+/* the settings the connection cache was built for, and the endpoint's URL */
 static char *multi_base_url = NULL;
 static char *multi_ca_file = NULL;
+static char *multi_url = NULL;
+
+/* results of finished attempts live here until handed to the caller */
+static MemoryContext result_cxt = NULL;
 
 static Slot **slots = NULL;		/* TopMemoryContext */
+static int	nslots = 0;
 
 /* the request headers, kept while the key they were built from is unchanged */
 static struct curl_slist *cached_headers = NULL;
 static char *cached_key_id = NULL;		/* malloc'd copies, wiped when freed */
 static char *cached_key_secret = NULL;
-static int	nslots = 0;
 
 /*
  * libcurl write callback: append to the slot's response, up to the bound.
@@ -187,8 +193,10 @@ taptalk_transport_shutdown(void)
 	multi = NULL;
 	free(multi_base_url);
 	free(multi_ca_file);
+	free(multi_url);
 	multi_base_url = NULL;
 	multi_ca_file = NULL;
+	multi_url = NULL;
 }
 
 static void
@@ -201,6 +209,66 @@ static bool
 same_setting(const char *kept, const char *now)
 {
 	return strcmp(kept ? kept : "", now ? now : "") == 0;
+}
+
+/* The endpoint's URL, malloc'd: one slash between the base and the path. */
+static char *
+endpoint_url(const char *base)
+{
+	int			len = strlen(base);
+	char	   *url;
+
+	while (len > 0 && base[len - 1] == '/')
+		len--;
+	url = malloc(len + strlen(TAPTALK_AUTH_TICKET_PATH) + 1);
+	if (url != NULL)
+	{
+		memcpy(url, base, len);
+		strcpy(url + len, TAPTALK_AUTH_TICKET_PATH);
+	}
+	return url;
+}
+
+/*
+ * Set the options that are the same for every request on a handle.  A
+ * handle is replaced when the base URL or the CA file changes, so those are
+ * set here too.
+ */
+static bool
+setup_handle(Slot *slot)
+{
+	CURL	   *easy = slot->easy;
+	CURLcode	rc = CURLE_OK;
+
+#define SET(option, value) \
+	do { if (rc == CURLE_OK) rc = curl_easy_setopt(easy, option, value); } while (0)
+
+	SET(CURLOPT_URL, multi_url);
+#if LIBCURL_VERSION_NUM >= 0x075500
+	SET(CURLOPT_PROTOCOLS_STR, "http,https");
+	SET(CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+#else
+	SET(CURLOPT_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
+	SET(CURLOPT_REDIR_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+	SET(CURLOPT_FOLLOWLOCATION, 0L);
+	SET(CURLOPT_NOSIGNAL, 1L);
+	SET(CURLOPT_USERAGENT, USER_AGENT);
+	SET(CURLOPT_POST, 1L);
+	SET(CURLOPT_WRITEFUNCTION, collect_body);
+	SET(CURLOPT_WRITEDATA, slot);
+	SET(CURLOPT_HEADERFUNCTION, count_headers);
+	SET(CURLOPT_HEADERDATA, slot);
+	SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) TAPTALK_MAX_RESPONSE_BYTES);
+	SET(CURLOPT_SSL_VERIFYPEER, 1L);
+	SET(CURLOPT_SSL_VERIFYHOST, 2L);
+	if (multi_ca_file[0] != '\0')
+		SET(CURLOPT_CAINFO, multi_ca_file);
+	SET(CURLOPT_ERRORBUFFER, slot->errbuf);
+	SET(CURLOPT_PRIVATE, slot);
+#undef SET
+
+	return rc == CURLE_OK;
 }
 
 /*
@@ -230,8 +298,10 @@ prepare_transport(int concurrency)
 	{
 		multi_base_url = strdup(taptalk_base_url ? taptalk_base_url : "");
 		multi_ca_file = strdup(taptalk_ca_file ? taptalk_ca_file : "");
+		multi_url = endpoint_url(multi_base_url ? multi_base_url : "");
 		multi = curl_multi_init();
-		if (multi == NULL || multi_base_url == NULL || multi_ca_file == NULL)
+		if (multi == NULL || multi_base_url == NULL || multi_ca_file == NULL ||
+			multi_url == NULL)
 		{
 			taptalk_transport_shutdown();
 			ereport(ERROR,
@@ -246,6 +316,10 @@ prepare_transport(int concurrency)
 	if (slots == NULL)
 		slots = MemoryContextAllocZero(TopMemoryContext,
 									   sizeof(Slot *) * TAPTALK_MAX_CONCURRENCY);
+	if (result_cxt == NULL)
+		result_cxt = AllocSetContextCreate(TopMemoryContext,
+										   "taptalk results",
+										   ALLOCSET_SMALL_SIZES);
 	while (nslots < concurrency)
 	{
 		Slot	   *slot = MemoryContextAllocZero(TopMemoryContext, sizeof(Slot));
@@ -265,20 +339,16 @@ prepare_transport(int concurrency)
 						(errcode(ERRCODE_OUT_OF_MEMORY),
 						 errmsg("out of memory"),
 						 errdetail("Could not create a libcurl handle.")));
+			if (!setup_handle(slots[i]))
+			{
+				curl_easy_cleanup(slots[i]->easy);
+				slots[i]->easy = NULL;
+				ereport(ERROR,
+						(errcode(ERRCODE_INTERNAL_ERROR),
+						 errmsg("could not configure a libcurl handle")));
+			}
 		}
 	}
-}
-
-/* The endpoint's URL: one slash between the base and the path. */
-static char *
-endpoint_url(void)
-{
-	const char *base = taptalk_base_url;
-	int			len = strlen(base);
-
-	while (len > 0 && base[len - 1] == '/')
-		len--;
-	return psprintf("%.*s%s", len, base, TAPTALK_AUTH_TICKET_PATH);
 }
 
 /*
@@ -375,7 +445,7 @@ remaining_ms(TimestampTz deadline)
  * Returns false, with the slot's error buffer set, when libcurl refuses.
  */
 static bool
-start_attempt(Slot *slot, const char *url, struct curl_slist *headers)
+start_attempt(Slot *slot, struct curl_slist *headers)
 {
 	CURL	   *easy = slot->easy;
 	long		budget = Max(remaining_ms(slot->deadline), 1);
@@ -388,37 +458,12 @@ start_attempt(Slot *slot, const char *url, struct curl_slist *headers)
 	slot->errbuf[0] = '\0';
 	slot->retry_at = 0;
 
-	curl_easy_setopt(easy, CURLOPT_URL, url);
-#if LIBCURL_VERSION_NUM >= 0x075500
-	curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(easy, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-#else
-	curl_easy_setopt(easy, CURLOPT_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
-	curl_easy_setopt(easy, CURLOPT_REDIR_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
-#endif
-	curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(easy, CURLOPT_HTTPHEADER, headers);
-	curl_easy_setopt(easy, CURLOPT_USERAGENT, USER_AGENT);
-	curl_easy_setopt(easy, CURLOPT_POST, 1L);
 	curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE, (long) slot->body.len);
 	curl_easy_setopt(easy, CURLOPT_POSTFIELDS, slot->body.data);
-	curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, collect_body);
-	curl_easy_setopt(easy, CURLOPT_WRITEDATA, slot);
-	curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, count_headers);
-	curl_easy_setopt(easy, CURLOPT_HEADERDATA, slot);
-	curl_easy_setopt(easy, CURLOPT_MAXFILESIZE_LARGE,
-					 (curl_off_t) TAPTALK_MAX_RESPONSE_BYTES);
 	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, budget);
 	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS,
 					 Min((long) taptalk_connect_timeout_ms, budget));
-	curl_easy_setopt(easy, CURLOPT_SSL_VERIFYPEER, 1L);
-	curl_easy_setopt(easy, CURLOPT_SSL_VERIFYHOST, 2L);
-	/* a handle never outlives the CA file it was set up with */
-	if (taptalk_ca_file && taptalk_ca_file[0])
-		curl_easy_setopt(easy, CURLOPT_CAINFO, taptalk_ca_file);
-	curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, slot->errbuf);
-	curl_easy_setopt(easy, CURLOPT_PRIVATE, slot);
 
 	if (curl_multi_add_handle(multi, easy) != CURLM_OK)
 	{
@@ -609,18 +654,12 @@ void
 taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 					  int concurrency)
 {
-	char	   *url;
 	struct curl_slist *headers;
-	MemoryContext per_result;
 
 	Assert(concurrency >= 1 && concurrency <= TAPTALK_MAX_CONCURRENCY);
 
 	prepare_transport(concurrency);
-	url = endpoint_url();
 	headers = current_headers();
-	per_result = AllocSetContextCreate(CurrentMemoryContext,
-									   "taptalk result",
-									   ALLOCSET_SMALL_SIZES);
 
 	PG_TRY();
 	{
@@ -651,7 +690,7 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 				slot->attempt = 0;
 				slot->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 															 taptalk_timeout_ms);
-				if (!start_attempt(slot, url, headers))
+				if (!start_attempt(slot, headers))
 				{
 					settle_start_failure(slot, done, arg);
 					busy--;
@@ -671,7 +710,7 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 				if (slot->retry_at <= now)
 				{
 					slot->attempt++;
-					if (!start_attempt(slot, url, headers))
+					if (!start_attempt(slot, headers))
 					{
 						settle_start_failure(slot, done, arg);
 						busy--;
@@ -696,12 +735,12 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 				curl_multi_remove_handle(multi, slot->easy);
 				slot->attached = false;
 
-				old = MemoryContextSwitchTo(per_result);
+				old = MemoryContextSwitchTo(result_cxt);
 				if (map_attempt(slot, msg->data.result, &result) &&
 					(slot->retry_at = retry_time(slot)) != 0)
 				{
 					MemoryContextSwitchTo(old);
-					MemoryContextReset(per_result);
+					MemoryContextReset(result_cxt);
 					wait_ms = Min(wait_ms, RETRY_BASE_DELAY_MS / 2);
 					continue;
 				}
@@ -709,7 +748,7 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 				release_slot(slot);
 				busy--;
 				done(arg, slot->id, &result);
-				MemoryContextReset(per_result);
+				MemoryContextReset(result_cxt);
 			}
 
 			CHECK_FOR_INTERRUPTS();
@@ -727,7 +766,7 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 			if (slots[i]->busy || slots[i]->attached)
 				release_slot(slots[i]);
 		}
-		MemoryContextDelete(per_result);
+		MemoryContextReset(result_cxt);
 	}
 	PG_END_TRY();
 }
