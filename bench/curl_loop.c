@@ -7,10 +7,11 @@
  * and its User-Agent).  Every answer must be HTTP 200; the program fails at
  * the first that is not.  Prints one line:
  *
- *   requests=N seconds=S rps=R connections=C
+ *   requests=N seconds=S rps=R connections=C cpu_us=U
  *
  * where C is the number of connections libcurl opened (1 when keep-alive
- * works).  Built and run by scripts/bench:
+ * works) and U the CPU time (user and system) this process spent per
+ * request.  Built and run by scripts/bench:
  *
  *   curl_loop URL SERVER_KEY_ID SERVER_KEY_SECRET BODY N
  */
@@ -18,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 
 #include <curl/curl.h>
 
@@ -58,6 +60,17 @@ base64(const char *in)
 	return out;
 }
 
+/* CPU time used so far by this process, user and system */
+static double
+cpu_seconds(void)
+{
+	struct rusage ru;
+
+	getrusage(RUSAGE_SELF, &ru);
+	return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 +
+		ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+}
+
 static double
 now_seconds(void)
 {
@@ -83,6 +96,8 @@ main(int argc, char **argv)
 	long		connections = 0;
 	double		started;
 	double		seconds;
+	double		cpu_started;
+	double		cpu;
 
 	if (argc != 6 || (n = atol(argv[5])) <= 0)
 	{
@@ -132,6 +147,7 @@ main(int argc, char **argv)
 	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, 10000L);
 	curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, errbuf);
 
+	cpu_started = cpu_seconds();
 	started = now_seconds();
 	for (long i = 0; i < n; i++)
 	{
@@ -159,9 +175,10 @@ main(int argc, char **argv)
 		connections += opened;
 	}
 	seconds = now_seconds() - started;
+	cpu = cpu_seconds() - cpu_started;
 
-	printf("requests=%ld seconds=%.3f rps=%.0f connections=%ld\n",
-		   n, seconds, n / seconds, connections);
+	printf("requests=%ld seconds=%.3f rps=%.0f connections=%ld cpu_us=%.1f\n",
+		   n, seconds, n / seconds, connections, cpu * 1e6 / n);
 
 	curl_easy_cleanup(easy);
 	curl_slist_free_all(headers);
