@@ -252,6 +252,8 @@ setup_handle(Slot *slot)
 	SET(CURLOPT_REDIR_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
 	SET(CURLOPT_FOLLOWLOCATION, 0L);
+	/* no proxy, not even one named by the server's environment */
+	SET(CURLOPT_PROXY, "");
 	SET(CURLOPT_NOSIGNAL, 1L);
 	SET(CURLOPT_USERAGENT, USER_AGENT);
 	SET(CURLOPT_POST, 1L);
