@@ -43,6 +43,11 @@ int			taptalk_max_retries = 2;
 /* whether _PG_init ran while shared_preload_libraries was processed */
 static bool loaded_at_preload = false;
 
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
+#define SECRET_SETTING "taptalk.server_key_secret"
+#define REDACTED "********"
+
 /* columns of taptalk_auth_ticket_result */
 enum
 {
@@ -99,6 +104,41 @@ check_base_url(char **newval, void **extra, GucSource source)
 	return true;
 }
 
+/*
+ * Keep the secret out of the server log.  A configuration reload logs every
+ * changed setting with its new value ("parameter ... changed to ..."), the
+ * secret included; this hook masks the secret's value in any message that
+ * names the setting.  Runs in the postmaster and, inherited, in every backend.
+ */
+static void
+redact_secret_hook(ErrorData *edata)
+{
+	const char *secret = taptalk_server_key_secret;
+
+	if (edata->message != NULL && secret != NULL && secret[0] != '\0' &&
+		strstr(edata->message, SECRET_SETTING) != NULL &&
+		strstr(edata->message, secret) != NULL)
+	{
+		StringInfoData buf;
+		const char *p = edata->message;
+		const char *hit;
+		size_t		len = strlen(secret);
+
+		initStringInfo(&buf);
+		while ((hit = strstr(p, secret)) != NULL)
+		{
+			appendBinaryStringInfo(&buf, p, hit - p);
+			appendStringInfoString(&buf, REDACTED);
+			p = hit + len;
+		}
+		appendStringInfoString(&buf, p);
+		edata->message = buf.data;
+	}
+
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
+}
+
 void
 _PG_init(void)
 {
@@ -124,7 +164,7 @@ _PG_init(void)
 							   0,
 							   NULL, NULL, NULL);
 
-	DefineCustomStringVariable("taptalk.server_key_secret",
+	DefineCustomStringVariable(SECRET_SETTING,
 							   "Server Key Secret used to authenticate with TapTalk.",
 							   "Only superusers can read or set it.",
 							   &taptalk_server_key_secret,
@@ -180,6 +220,9 @@ _PG_init(void)
 							PGC_USERSET,
 							0,
 							NULL, NULL, NULL);
+
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = redact_secret_hook;
 
 #if PG_VERSION_NUM >= 150000
 	MarkGUCPrefixReserved("taptalk");
