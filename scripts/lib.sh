@@ -10,10 +10,11 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PG_CONFIG=${PG_CONFIG:-$PGBIN/pg_config}
 PYTHON=${PYTHON:-/usr/bin/python3}
-export PGPORT=${TAPTALK_PGPORT:-55432}
-MOCK_PORT=${TAPTALK_MOCK_PORT:-58480}
-MOCK_PORT2=${TAPTALK_MOCK_PORT2:-58481}
-MOCK_TLS_PORT=${TAPTALK_MOCK_TLS_PORT:-58443}
+# ports below the ephemeral range (32768-60999), so no client connection holds them
+export PGPORT=${TAPTALK_PGPORT:-25432}
+MOCK_PORT=${TAPTALK_MOCK_PORT:-28480}
+MOCK_PORT2=${TAPTALK_MOCK_PORT2:-28481}
+MOCK_TLS_PORT=${TAPTALK_MOCK_TLS_PORT:-28443}
 export PGUSER=postgres
 export PGDATABASE=postgres
 # test credentials of the mock server, not a real key
@@ -51,6 +52,77 @@ build_install() {
 	as_root make -C "$ROOT" -s PG_CONFIG="$PG_CONFIG" install >/dev/null
 }
 
+# make_test_certs DIR: a throwaway CA (ca.pem) and, signed by it, server.pem
+# for 127.0.0.1 and localhost and wrong.pem for the host name wrong.example
+# (keys NAME.key); other-ca.pem is a second CA that signed neither.  Files
+# are readable by the server (keys only by us).
+make_test_certs() {
+	local dir=$1
+	mkdir -p "$dir"
+	chmod 755 "$dir"
+	(
+		cd "$dir"
+		umask 077
+		for ca in ca other-ca; do
+			openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+				-nodes -keyout "$ca.key" -out "$ca.pem" -days 2 -subj "/CN=taptalk test $ca" \
+				-addext "basicConstraints=critical,CA:TRUE" \
+				-addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+		done
+		for leaf in "server 127.0.0.1 DNS:localhost,IP:127.0.0.1" \
+			"wrong wrong.example DNS:wrong.example"; do
+			set -- $leaf
+			local name=$1 cn=$2 san=$3
+			openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+				-keyout "$name.key" -out "$name.csr" -subj "/CN=$cn" 2>/dev/null
+			printf '%s\n' "basicConstraints=critical,CA:FALSE" \
+				"keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
+				"subjectAltName=$san" >"$name.ext"
+			openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial \
+				-days 2 -extfile "$name.ext" -out "$name.pem" 2>/dev/null
+			rm -f "$name.csr" "$name.ext"
+		done
+		chmod 644 ./*.pem
+	)
+}
+
+# start_mock [CERT]: the mock TapTalk server on MOCK_PORT and MOCK_PORT2, and
+# on MOCK_TLS_PORT with $TLS_DIR/CERT.pem (default: server, the certificate
+# for 127.0.0.1).  MOCK_TLS_ARGS, when set, replaces the TLS arguments.
+start_mock() {
+	local cert=${1:-server}
+	local tls_args=${MOCK_TLS_ARGS-"--tls-port $MOCK_TLS_PORT --tls-cert $TLS_DIR/$cert.pem --tls-key $TLS_DIR/$cert.key"}
+	"$PYTHON" "$ROOT/test/mock_taptalk.py" --host 127.0.0.1 \
+		--port "$MOCK_PORT" --port "$MOCK_PORT2" $tls_args \
+		--key-id "$KEY_ID" --key-secret "$KEY_SECRET" \
+		--log "$MOCK_LOG" --pidfile "$WORK/mock.pid" >"$WORK/mock.out" 2>&1 &
+	for _ in $(seq 100); do
+		grep -q "mock ready" "$WORK/mock.out" 2>/dev/null && break
+		sleep 0.1
+	done
+	grep -q "mock ready" "$WORK/mock.out" || { cat "$WORK/mock.out"; echo "mock server did not start"; exit 1; }
+}
+
+# stop_mock: stop the mock server and wait until it has released its ports.
+stop_mock() {
+	local pid
+	[ -f "$WORK/mock.pid" ] || return 0
+	pid=$(cat "$WORK/mock.pid")
+	kill "$pid" 2>/dev/null || true
+	for _ in $(seq 100); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.05
+	done
+	rm -f "$WORK/mock.pid"
+}
+
+# restart_mock [CERT]: as start_mock, after stopping the running one.  The
+# mock's log starts anew (mock_mark() positions taken before are void).
+restart_mock() {
+	stop_mock
+	start_mock "$@"
+}
+
 # start_services [extra postgresql.conf lines...]
 start_services() {
 	WORK=$(mktemp -d /tmp/taptalk.XXXXXX)
@@ -59,17 +131,11 @@ start_services() {
 	export PGHOST=$WORK
 	PGDATA=$WORK/data
 	MOCK_LOG=$WORK/mock.jsonl
+	TLS_DIR=$WORK/tls
 	trap stop_services EXIT
 
-	"$PYTHON" "$ROOT/test/mock_taptalk.py" --host 127.0.0.1 \
-		--port "$MOCK_PORT" --port "$MOCK_PORT2" ${MOCK_TLS_ARGS:-} \
-		--key-id "$KEY_ID" --key-secret "$KEY_SECRET" \
-		--log "$MOCK_LOG" --pidfile "$WORK/mock.pid" >"$WORK/mock.out" 2>&1 &
-	for _ in $(seq 100); do
-		grep -q "mock ready" "$WORK/mock.out" 2>/dev/null && break
-		sleep 0.1
-	done
-	grep -q "mock ready" "$WORK/mock.out" || { cat "$WORK/mock.out"; echo "mock server did not start"; exit 1; }
+	make_test_certs "$TLS_DIR"
+	start_mock
 
 	as_pg "$PGBIN/initdb" -D "$PGDATA" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >"$WORK/initdb.log"
 	cat >>"$PGDATA/postgresql.conf" <<CONF
@@ -86,6 +152,7 @@ mock.log = '$MOCK_LOG'
 mock.port = '$MOCK_PORT'
 mock.port2 = '$MOCK_PORT2'
 mock.tls_port = '$MOCK_TLS_PORT'
+mock.tls_dir = '$TLS_DIR'
 mock.dir = '$WORK'
 CONF
 	for line in "$@"; do echo "$line" >>"$PGDATA/postgresql.conf"; done
