@@ -177,22 +177,24 @@ rm -f "$sec_log" "$sec_client" "$WORK/secrets-mock.jsonl"
 log_mark=$(t_log_mark)
 conf=$PGDATA/postgresql.conf
 rotated="rotated-$RANDOM-$RANDOM-secret"
-sed -i "s/^taptalk.server_key_secret = .*/taptalk.server_key_secret = '$rotated'/" "$conf"
-t_sql -q -c "SELECT pg_reload_conf()" >/dev/null
-want_md5=$(printf '%s' "$rotated" | md5sum | cut -d' ' -f1)
-for _ in $(seq 50); do
-	[ "$(t_sql -c "SELECT md5(current_setting('taptalk.server_key_secret'))")" = "$want_md5" ] && break
-	sleep 0.1
-done
-t_check "after the rotation the server uses the new secret" "$want_md5" \
-	"$(t_sql -c "SELECT md5(current_setting('taptalk.server_key_secret'))")"
-sed -i "s/^taptalk.server_key_secret = .*/taptalk.server_key_secret = '$KEY_SECRET'/" "$conf"
-t_sql -q -c "SELECT pg_reload_conf()" >/dev/null
-want_md5=$(printf '%s' "$KEY_SECRET" | md5sum | cut -d' ' -f1)
-for _ in $(seq 50); do
-	[ "$(t_sql -c "SELECT md5(current_setting('taptalk.server_key_secret'))")" = "$want_md5" ] && break
-	sleep 0.1
-done
+
+# reload_secret VALUE: write VALUE to postgresql.conf, reload, and wait until
+# this session's new backends see it; prints its md5 as the server sees it
+reload_secret() {
+	local want
+	sed -i "s/^taptalk.server_key_secret = .*/taptalk.server_key_secret = '$1'/" "$conf"
+	t_sql -q -c "SELECT pg_reload_conf()" >/dev/null
+	want=$(printf '%s' "$1" | md5sum | cut -d' ' -f1)
+	for _ in $(seq 50); do
+		[ "$(t_sql -c "SELECT md5(current_setting('taptalk.server_key_secret'))")" = "$want" ] && break
+		sleep 0.1
+	done
+	t_sql -c "SELECT md5(current_setting('taptalk.server_key_secret'))"
+}
+
+t_check "after the rotation the server uses the new secret" \
+	"$(printf '%s' "$rotated" | md5sum | cut -d' ' -f1)" "$(reload_secret "$rotated")"
+reload_secret "$KEY_SECRET" >/dev/null
 t_check "the original secret is back" "tt-sec-restored" \
 	"$(t_sql -c "SELECT user_id FROM taptalk_auth_ticket(req('sec-restored'))")"
 t_check "the reloads logged the change, masked" 2 \
