@@ -23,6 +23,9 @@
 #include <curl/curl.h>
 
 #include "common/base64.h"
+#if PG_VERSION_NUM >= 150000
+#include "common/pg_prng.h"
+#endif
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "utils/memutils.h"
@@ -531,6 +534,7 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 		taptalk_map_response(status, slot->resp ? slot->resp : "",
 							 slot->resp_len, result);
 		return (status == 502 || status == 503 || status == 504) &&
+			result->error_code != NULL &&
 			strcmp(result->error_code, TAPTALK_CODE_HTTP_ERROR) == 0;
 	}
 
@@ -591,8 +595,13 @@ retry_time(Slot *slot)
 	if (slot->attempt >= taptalk_max_retries)
 		return 0;
 	delay_ms = (long) RETRY_BASE_DELAY_MS << Min(slot->attempt, 10);
-	/* full jitter in [delay/2, delay) */
-	delay_ms = delay_ms / 2 + random() % Max(delay_ms / 2, 1);
+	/* jitter in [delay/2, delay), so that backends do not retry in step */
+#if PG_VERSION_NUM >= 150000
+	delay_ms = delay_ms / 2 +
+		(long) pg_prng_uint64_range(&pg_global_prng_state, 0, delay_ms / 2 - 1);
+#else
+	delay_ms = delay_ms / 2 + random() % (delay_ms / 2);
+#endif
 	if (delay_ms + 10 >= remaining_ms(slot->deadline))
 		return 0;
 	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay_ms);
