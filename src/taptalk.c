@@ -420,6 +420,9 @@ batch_next(void *arg, int *id, StringInfo body)
 		TaptalkResult failure;
 		bool		valid;
 
+		/* a long run of invalid elements sends nothing: stay cancellable */
+		CHECK_FOR_INTERRUPTS();
+
 		if (batch->elem_nulls[i])
 			continue;			/* a row of NULLs */
 
