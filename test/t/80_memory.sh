@@ -20,29 +20,23 @@ mem_start=$(date +%s%N)
 log_mark=$(t_log_mark)
 t_memory_fn
 
+# the API errors and hostile answers of a cycle, without retries (14 calls)
+mem_api_sql="$(cat <<'SQL'
+SELECT 'api', count(*), string_agg(coalesce(r.error_code, 'OK'), ',' ORDER BY k) FROM unnest(ARRAY[
+	req('fault-envelope-field'), req('fault-envelope500'), req('fault-status-404'),
+	req('mem-v') - 'fullName', req('mem-v') || '{"x": 1}', req('fault-badjson'), req('fault-nul'),
+	req('fault-deep-10000'), req('fault-huge-2'), req('fault-bigticket'), req('fault-reset'),
+	req('fault-close'), req('fault-status-503'), req('fault-notjson')]) WITH ORDINALITY AS t(j, k),
+	LATERAL taptalk_auth_ticket(j) r;
+SQL
+)"
+
 # mem_cycle N: the statements of one cycle (123 calls)
 mem_cycle() {
+	echo "SELECT 'ok', count(user_id) FROM generate_series(1, 40) i, LATERAL taptalk_auth_ticket(req('mem-' || i)) r;"
+	echo "SET taptalk.max_retries = 0;"
+	for _ in 1 2 3; do echo "$mem_api_sql"; done
 	cat <<SQL
-SELECT 'ok', count(user_id) FROM generate_series(1, 40) i, LATERAL taptalk_auth_ticket(req('mem-' || i)) r;
-SET taptalk.max_retries = 0;
-SELECT 'api', count(*), string_agg(coalesce(r.error_code, 'OK'), ',' ORDER BY k) FROM unnest(ARRAY[
-	req('fault-envelope-field'), req('fault-envelope500'), req('fault-status-404'),
-	req('mem-v') - 'fullName', req('mem-v') || '{"x": 1}', req('fault-badjson'), req('fault-nul'),
-	req('fault-deep-10000'), req('fault-huge-2'), req('fault-bigticket'), req('fault-reset'),
-	req('fault-close'), req('fault-status-503'), req('fault-notjson')]) WITH ORDINALITY AS t(j, k),
-	LATERAL taptalk_auth_ticket(j) r;
-SELECT 'api', count(*), string_agg(coalesce(r.error_code, 'OK'), ',' ORDER BY k) FROM unnest(ARRAY[
-	req('fault-envelope-field'), req('fault-envelope500'), req('fault-status-404'),
-	req('mem-v') - 'fullName', req('mem-v') || '{"x": 1}', req('fault-badjson'), req('fault-nul'),
-	req('fault-deep-10000'), req('fault-huge-2'), req('fault-bigticket'), req('fault-reset'),
-	req('fault-close'), req('fault-status-503'), req('fault-notjson')]) WITH ORDINALITY AS t(j, k),
-	LATERAL taptalk_auth_ticket(j) r;
-SELECT 'api', count(*), string_agg(coalesce(r.error_code, 'OK'), ',' ORDER BY k) FROM unnest(ARRAY[
-	req('fault-envelope-field'), req('fault-envelope500'), req('fault-status-404'),
-	req('mem-v') - 'fullName', req('mem-v') || '{"x": 1}', req('fault-badjson'), req('fault-nul'),
-	req('fault-deep-10000'), req('fault-huge-2'), req('fault-bigticket'), req('fault-reset'),
-	req('fault-close'), req('fault-status-503'), req('fault-notjson')]) WITH ORDINALITY AS t(j, k),
-	LATERAL taptalk_auth_ticket(j) r;
 RESET taptalk.max_retries;
 SELECT 'retried', coalesce(error_code, 'OK') FROM taptalk_auth_ticket(req('fault-flaky-1-mem-$1-$RANDOM'));
 SET taptalk.timeout_ms = 30;
