@@ -326,21 +326,21 @@ typedef struct SingleRequest
 	TaptalkResult result;
 } SingleRequest;
 
-static bool
-single_next(void *arg, int *id, StringInfo body)
+static TaptalkNext
+single_next(void *arg, int64 *id, StringInfo body)
 {
 	SingleRequest *req = (SingleRequest *) arg;
 
 	if (req->sent)
-		return false;
+		return TAPTALK_NEXT_NONE;
 	req->sent = true;
 	*id = 0;
 	appendBinaryStringInfo(body, req->body.data, req->body.len);
-	return true;
+	return TAPTALK_NEXT_REQUEST;
 }
 
 static void
-single_done(void *arg, int id, TaptalkResult *result)
+single_done(void *arg, int64 id, TaptalkResult *result)
 {
 	copy_result(&((SingleRequest *) arg)->result, result);
 }
@@ -381,54 +381,165 @@ taptalk_auth_ticket(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
-/* The requests of a taptalk_auth_tickets call. */
-typedef struct BatchRequests
+/*
+ * A taptalk_auth_tickets call.  Rows go into the tuplestore in input order
+ * as soon as every earlier element has finished, so memory does not grow
+ * with the array: a result that finished ahead of an earlier element waits
+ * in a ring of BATCH_WINDOW entries, and no element is taken up while the
+ * ring is full or its results hold more than BATCH_PENDING_BYTES.
+ */
+#define BATCH_WINDOW 4096
+#define BATCH_PENDING_BYTES (64 * 1024 * 1024)
+
+typedef struct BatchEntry
 {
-	Datum	   *elems;
-	bool	   *elem_nulls;
-	int			count;
-	int			next;			/* index of the next element to look at */
-	TaptalkResult *results;		/* one per element, in results_cxt */
-	MemoryContext results_cxt;
+	bool		ready;			/* finished, waiting for its turn */
+	bool		null_element;	/* the element was NULL: a row of NULLs */
+	TaptalkResult result;		/* strings in the batch's pending_cxt */
+	Size		bytes;			/* their size */
+} BatchEntry;
+
+typedef struct Batch
+{
+	ArrayIterator elements;
+	int			count;			/* elements in the array */
+	int			taken;			/* elements taken up so far */
+	int			emitted;		/* rows written so far */
+	BatchEntry *ring;			/* entry of element i is ring[i % BATCH_WINDOW] */
+	Size		pending_bytes;
+	MemoryContext pending_cxt;
 	MemoryContext scratch_cxt;	/* reset for each element */
-} BatchRequests;
+	Tuplestorestate *store;
+	TupleDesc	tupdesc;
+} Batch;
+
+static char *
+pending_copy(const char *s, Size *bytes)
+{
+	if (s == NULL)
+		return NULL;
+	*bytes += strlen(s) + 1;
+	return pstrdup(s);
+}
 
 static void
-batch_done(void *arg, int id, TaptalkResult *result)
+pending_free(char *s)
 {
-	BatchRequests *batch = (BatchRequests *) arg;
-	MemoryContext old = MemoryContextSwitchTo(batch->results_cxt);
+	if (s != NULL)
+		pfree(s);
+}
 
-	copy_result(&batch->results[id], result);
+/* Write the rows whose turn has come: every finished entry at the head. */
+static void
+batch_emit_ready(Batch *batch)
+{
+	while (batch->emitted < batch->taken)
+	{
+		BatchEntry *e = &batch->ring[batch->emitted % BATCH_WINDOW];
+		Datum		values[BATCH_NATTS];
+		bool		nulls[BATCH_NATTS];
+
+		if (!e->ready)
+			break;
+		values[0] = Int32GetDatum(batch->emitted + 1);
+		nulls[0] = false;
+		if (e->null_element)
+		{
+			for (int i = 1; i < BATCH_NATTS; i++)
+			{
+				values[i] = (Datum) 0;
+				nulls[i] = true;
+			}
+		}
+		else
+			result_to_columns(&e->result, values, nulls, 1);
+		tuplestore_putvalues(batch->store, batch->tupdesc, values, nulls);
+		for (int i = 1; i < BATCH_NATTS; i++)
+		{
+			if (!nulls[i])
+				pfree(DatumGetPointer(values[i]));
+		}
+
+		pending_free(e->result.user_id);
+		pending_free(e->result.ticket);
+		pending_free(e->result.error_code);
+		pending_free(e->result.error_field);
+		pending_free(e->result.error_message);
+		batch->pending_bytes -= e->bytes;
+		memset(e, 0, sizeof(*e));
+		batch->emitted++;
+	}
+}
+
+/* Keep element `id`'s outcome (NULL result: a NULL element) until its turn. */
+static void
+batch_settle(Batch *batch, int64 id, const TaptalkResult *result)
+{
+	BatchEntry *e = &batch->ring[id % BATCH_WINDOW];
+	MemoryContext old = MemoryContextSwitchTo(batch->pending_cxt);
+
+	Assert(id >= batch->emitted && id < batch->taken && !e->ready);
+	if (result == NULL)
+		e->null_element = true;
+	else
+	{
+		e->result.user_id = pending_copy(result->user_id, &e->bytes);
+		e->result.ticket = pending_copy(result->ticket, &e->bytes);
+		e->result.error_code = pending_copy(result->error_code, &e->bytes);
+		e->result.error_field = pending_copy(result->error_field, &e->bytes);
+		e->result.error_message = pending_copy(result->error_message, &e->bytes);
+	}
 	MemoryContextSwitchTo(old);
+	e->ready = true;
+	batch->pending_bytes += e->bytes;
+	batch_emit_ready(batch);
+}
+
+static void
+batch_done(void *arg, int64 id, TaptalkResult *result)
+{
+	batch_settle((Batch *) arg, id, result);
 }
 
 /*
  * Produce the next element that passes validation; the others, and NULL
- * elements, are settled here without a request.
+ * elements, are settled here without a request.  Waits (TAPTALK_NEXT_LATER)
+ * while the results ahead of the oldest unfinished element fill the ring.
  */
-static bool
-batch_next(void *arg, int *id, StringInfo body)
+static TaptalkNext
+batch_next(void *arg, int64 *id, StringInfo body)
 {
-	BatchRequests *batch = (BatchRequests *) arg;
+	Batch	   *batch = (Batch *) arg;
 
-	while (batch->next < batch->count)
+	while (batch->taken < batch->count)
 	{
-		int			i = batch->next++;
+		int			i;
+		Datum		elem;
+		bool		isnull;
 		MemoryContext old;
 		Jsonb	   *jb;
 		TaptalkResult failure;
 		bool		valid;
 
+		if (batch->taken - batch->emitted >= BATCH_WINDOW ||
+			batch->pending_bytes >= BATCH_PENDING_BYTES)
+			return TAPTALK_NEXT_LATER;
+
 		/* a long run of invalid elements sends nothing: stay cancellable */
 		CHECK_FOR_INTERRUPTS();
 
-		if (batch->elem_nulls[i])
-			continue;			/* a row of NULLs */
+		if (!array_iterate(batch->elements, &elem, &isnull))
+			elog(ERROR, "array has fewer elements than its dimensions say");
+		i = batch->taken++;
+		if (isnull)
+		{
+			batch_settle(batch, i, NULL);
+			continue;
+		}
 
 		MemoryContextReset(batch->scratch_cxt);
 		old = MemoryContextSwitchTo(batch->scratch_cxt);
-		jb = DatumGetJsonbP(batch->elems[i]);
+		jb = DatumGetJsonbP(elem);
 		if (!JB_ROOT_IS_OBJECT(jb))
 		{
 			taptalk_set_error(&failure, TAPTALK_CODE_PARAM_FAILED, "",
@@ -443,11 +554,11 @@ batch_next(void *arg, int *id, StringInfo body)
 		if (valid)
 		{
 			*id = i;
-			return true;
+			return TAPTALK_NEXT_REQUEST;
 		}
-		batch_done(batch, i, &failure);
+		batch_settle(batch, i, &failure);
 	}
-	return false;
+	return TAPTALK_NEXT_NONE;
 }
 
 /*
@@ -457,67 +568,43 @@ batch_next(void *arg, int *id, StringInfo body)
  *
  * One row per element, in order, with the same validation and mapping as
  * taptalk_auth_ticket; the requests run concurrently, at most
- * taptalk.max_concurrency at a time.
+ * taptalk.max_concurrency at a time.  Rows are written to the result as they
+ * become final, so the memory a call needs does not grow with the array.
  */
 Datum
 taptalk_auth_tickets(PG_FUNCTION_ARGS)
 {
 	ArrayType  *array = PG_GETARG_ARRAYTYPE_P(0);
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	TupleDesc	tupdesc;
-	Tuplestorestate *store;
-	MemoryContext per_query;
-	MemoryContext old;
-	BatchRequests batch;
-
-	if (rsinfo == NULL || !IsA(rsinfo, ReturnSetInfo) ||
-		(rsinfo->allowedModes & SFRM_Materialize) == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("set-valued function called in context that cannot accept a set")));
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
+	Batch		batch;
 
 	check_configuration();
 
+	InitMaterializedSRF(fcinfo, 0);
+
 	memset(&batch, 0, sizeof(batch));
-	deconstruct_array(array, JSONBOID, -1, false, TYPALIGN_INT,
-					  &batch.elems, &batch.elem_nulls, &batch.count);
-	batch.results_cxt = AllocSetContextCreate(CurrentMemoryContext,
+	batch.store = rsinfo->setResult;
+	batch.tupdesc = rsinfo->setDesc;
+	batch.count = ArrayGetNItems(ARR_NDIM(array), ARR_DIMS(array));
+	if (batch.count == 0)
+		return (Datum) 0;
+
+	batch.elements = array_create_iterator(array, 0, NULL);
+	batch.pending_cxt = AllocSetContextCreate(CurrentMemoryContext,
 											  "taptalk batch results",
 											  ALLOCSET_DEFAULT_SIZES);
 	batch.scratch_cxt = AllocSetContextCreate(CurrentMemoryContext,
 											  "taptalk batch scratch",
 											  ALLOCSET_DEFAULT_SIZES);
-	batch.results = MemoryContextAllocZero(batch.results_cxt,
-										   sizeof(TaptalkResult) * Max(batch.count, 1));
+	batch.ring = MemoryContextAllocZero(batch.pending_cxt,
+										sizeof(BatchEntry) * Min(batch.count, BATCH_WINDOW));
 
-	if (batch.count > 0)
-		taptalk_transport_run(batch_next, batch_done, &batch,
-							  Min(taptalk_max_concurrency, batch.count));
+	taptalk_transport_run(batch_next, batch_done, &batch,
+						  Min(taptalk_max_concurrency, batch.count));
+	Assert(batch.emitted == batch.count);
 
-	per_query = rsinfo->econtext->ecxt_per_query_memory;
-	old = MemoryContextSwitchTo(per_query);
-	tupdesc = CreateTupleDescCopy(tupdesc);
-	store = tuplestore_begin_heap(true, false, work_mem);
-	MemoryContextSwitchTo(old);
-
-	for (int i = 0; i < batch.count; i++)
-	{
-		Datum		values[BATCH_NATTS];
-		bool		nulls[BATCH_NATTS];
-
-		values[0] = Int32GetDatum(i + 1);
-		nulls[0] = false;
-		result_to_columns(&batch.results[i], values, nulls, 1);
-		tuplestore_putvalues(store, tupdesc, values, nulls);
-	}
-
+	array_free_iterator(batch.elements);
 	MemoryContextDelete(batch.scratch_cxt);
-	MemoryContextDelete(batch.results_cxt);
-
-	rsinfo->returnMode = SFRM_Materialize;
-	rsinfo->setResult = store;
-	rsinfo->setDesc = tupdesc;
+	MemoryContextDelete(batch.pending_cxt);
 	return (Datum) 0;
 }

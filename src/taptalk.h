@@ -15,6 +15,10 @@
 #include "lib/stringinfo.h"
 #include "utils/jsonb.h"
 
+#if PG_VERSION_NUM < 150000
+#error "taptalk requires PostgreSQL 15 or later"
+#endif
+
 #define TAPTALK_VERSION "1.0"
 
 /* path of the Request Auth Ticket endpoint, appended to taptalk.base_url */
@@ -73,14 +77,22 @@ extern void taptalk_set_error(TaptalkResult *result, const char *code,
 
 /*
  * A source of requests for taptalk_transport_run.  next() fills body with the
- * next request to send and sets *id, or returns false when there are no more;
- * it may also settle requests itself (validation failures) by calling the
- * done callback.  done() receives each finished request's result, whose
- * strings live only until done() returns.  Both run outside libcurl, so they
- * may allocate and raise errors.
+ * next request to send, sets *id and returns TAPTALK_NEXT_REQUEST; it returns
+ * TAPTALK_NEXT_LATER when it has nothing to send until a request in flight
+ * finishes, and TAPTALK_NEXT_NONE when there are no more.  It may also settle
+ * requests itself (validation failures) by calling the done callback.  done()
+ * receives each finished request's result, whose strings live only until
+ * done() returns.  Both run outside libcurl, so they may allocate and raise.
  */
-typedef bool (*taptalk_next_fn) (void *arg, int *id, StringInfo body);
-typedef void (*taptalk_done_fn) (void *arg, int id, TaptalkResult *result);
+typedef enum TaptalkNext
+{
+	TAPTALK_NEXT_NONE,
+	TAPTALK_NEXT_REQUEST,
+	TAPTALK_NEXT_LATER
+} TaptalkNext;
+
+typedef TaptalkNext (*taptalk_next_fn) (void *arg, int64 *id, StringInfo body);
+typedef void (*taptalk_done_fn) (void *arg, int64 id, TaptalkResult *result);
 
 extern void taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done,
 								  void *arg, int concurrency);

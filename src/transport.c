@@ -5,20 +5,38 @@
  *
  * Every request, single or batched, goes through one libcurl multi handle
  * that lives as long as the backend, so its connection cache lets calls
- * reuse TCP and TLS connections.  Transfers are driven from our own loop:
- * between waits of at most POLL_INTERVAL_MS it checks for interrupts, so
- * query cancel and statement_timeout stop a request promptly with
- * PostgreSQL's own error, raised by CHECK_FOR_INTERRUPTS outside libcurl.
- * The libcurl callbacks never allocate with palloc, raise or jump: they copy
- * into bounded buffers and return an abort code when a bound is passed.
- * Whatever way the loop is left, a PG_FINALLY block detaches every transfer,
- * so handles stay reusable and nothing leaks.  Handles, the header list and
- * the buffers are kept for the next call; they are freed when a setting they
- * depend on changes and when the backend exits.
+ * reuse TCP and TLS connections.
+ *
+ * We wait the way the server waits.  libcurl tells us, through its socket
+ * and timer callbacks, which sockets it needs watched and when it next needs
+ * to run; the sockets are kept in one epoll descriptor of our own, and that
+ * single descriptor sits in a WaitEventSet beside the process latch and
+ * postmaster death.  So a query cancel, statement_timeout or terminate wakes
+ * the loop at once (the signal handlers set the latch), a dead postmaster
+ * ends the backend, and pg_stat_activity shows a wait event while a request
+ * is in flight.  A transfer slot freed by a finished request is refilled
+ * before the next wait, so a batch keeps every slot busy.
+ *
+ * libcurl never sees an ERROR: its callbacks never allocate with palloc,
+ * raise or jump; they copy into bounded buffers and return an abort code
+ * when a bound is passed.  Interrupts are checked after libcurl returns, and
+ * whatever way the loop is left, a PG_FINALLY block detaches every transfer
+ * without allocating, so handles stay reusable and nothing leaks.  Name
+ * lookups run in libcurl's resolver threads; CURLOPT_QUICK_EXIT lets a
+ * transfer be abandoned without joining a thread stuck in getaddrinfo, and
+ * signals are blocked while libcurl runs, so those threads never run the
+ * server's signal handlers.  libcurl's sockets are counted with
+ * AcquireExternalFD, so cached connections cannot exhaust the backend's
+ * file descriptors.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 
@@ -27,14 +45,18 @@
 #include "common/pg_prng.h"
 #endif
 #include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/fd.h"
 #include "storage/ipc.h"
+#include "storage/latch.h"
+#if PG_VERSION_NUM >= 180000
+#include "storage/waiteventset.h"
+#endif
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
+#include "utils/wait_event.h"
 
 #include "taptalk.h"
-
-/* longest wait inside libcurl before we look at interrupts again */
-#define POLL_INTERVAL_MS 100
 
 /* bound on the response headers, against a server that never stops */
 #define MAX_HEADER_BYTES (64 * 1024)
@@ -45,6 +67,15 @@
 /* first retry waits about this long; each further one twice as long */
 #define RETRY_BASE_DELAY_MS 100
 
+/*
+ * Longest single wait.  libcurl's timer always covers a transfer in flight
+ * (its timeout); this only bounds the damage should it ever not.
+ */
+#define MAX_WAIT_MS 1000
+
+/* socket events taken from the epoll descriptor per pass */
+#define MAX_SOCKET_EVENTS 64
+
 #define USER_AGENT "taptalk/" TAPTALK_VERSION
 
 /* One transfer slot: a reusable easy handle and its buffers. */
@@ -53,10 +84,10 @@ typedef struct Slot
 	CURL	   *easy;
 	bool		busy;			/* holds a request (running or awaiting retry) */
 	bool		attached;		/* easy handle is in the multi handle */
-	int			id;				/* the caller's id of the request */
+	int64		id;				/* the caller's id of the request */
 	StringInfoData body;		/* request body (TopMemoryContext) */
 	int			attempt;		/* 0 for the first try */
-	TimestampTz deadline;		/* the whole request's timeout */
+	TimestampTz deadline;		/* the request's timeout, retries included */
 	TimestampTz retry_at;		/* when to try again; 0 when not waiting */
 
 	/* filled by the libcurl callbacks; malloc'd, never palloc'd */
@@ -67,6 +98,7 @@ typedef struct Slot
 	bool		resp_nomem;
 	size_t		header_bytes;
 	bool		header_overflow;
+	bool		no_fds;			/* no file descriptor was left for a socket */
 	char		errbuf[CURL_ERROR_SIZE];
 } Slot;
 
@@ -88,6 +120,22 @@ static int	nslots = 0;
 static struct curl_slist *cached_headers = NULL;
 static char *cached_key_id = NULL;		/* malloc'd copies, wiped when freed */
 static char *cached_key_secret = NULL;
+
+/*
+ * What we wait on: libcurl's sockets in one epoll descriptor, which sits in
+ * a WaitEventSet with the latch and postmaster death; libcurl's timer is a
+ * point in time we wait until.  A failed epoll_ctl in the socket callback is
+ * kept in socket_errno and reported after libcurl returns.
+ */
+static int	socket_set = -1;
+static WaitEventSet *wait_set = NULL;
+static uint32 wait_event_info = 0;
+static bool timer_armed = false;
+static TimestampTz timer_at = 0;
+static int	socket_errno = 0;
+
+/* every signal, blocked while libcurl runs (it may start resolver threads) */
+static sigset_t all_signals;
 
 /*
  * libcurl write callback: append to the slot's response, up to the bound.
@@ -143,6 +191,164 @@ count_headers(char *data, size_t size, size_t nmemb, void *userdata)
 	return n;
 }
 
+/*
+ * libcurl open-socket callback: open the socket ourselves, counted against
+ * the backend's file descriptors, and refuse when none is left (the attempt
+ * then fails as CONNECTION_FAILED instead of starving the backend).
+ */
+static curl_socket_t
+open_counted_socket(void *clientp, curlsocktype purpose,
+					struct curl_sockaddr *address)
+{
+	Slot	   *slot = (Slot *) clientp;
+	int			fd;
+
+	if (!AcquireExternalFD())
+	{
+		slot->no_fds = true;
+		return CURL_SOCKET_BAD;
+	}
+	fd = socket(address->family, address->socktype | SOCK_CLOEXEC,
+				address->protocol);
+	if (fd < 0)
+	{
+		ReleaseExternalFD();
+		return CURL_SOCKET_BAD;
+	}
+	return fd;
+}
+
+/* libcurl close-socket callback: the counterpart of open_counted_socket. */
+static int
+close_counted_socket(void *clientp, curl_socket_t fd)
+{
+	int			rc = close(fd);
+
+	ReleaseExternalFD();
+	return rc;
+}
+
+/*
+ * libcurl socket callback: keep the epoll descriptor's interest in a socket
+ * in step with what libcurl wants to know about it.
+ */
+static int
+watch_socket(CURL *easy, curl_socket_t fd, int what, void *clientp,
+			 void *socketp)
+{
+	struct epoll_event ev;
+
+	if (what == CURL_POLL_REMOVE)
+	{
+		/* a socket closed already has left the set by itself */
+		if (epoll_ctl(socket_set, EPOLL_CTL_DEL, fd, NULL) < 0 &&
+			errno != ENOENT && errno != EBADF)
+		{
+			socket_errno = errno;
+			return -1;
+		}
+		return 0;
+	}
+
+	memset(&ev, 0, sizeof(ev));
+	ev.data.fd = fd;
+	if (what & CURL_POLL_IN)
+		ev.events |= EPOLLIN;
+	if (what & CURL_POLL_OUT)
+		ev.events |= EPOLLOUT;
+	if (epoll_ctl(socket_set, EPOLL_CTL_MOD, fd, &ev) == 0)
+		return 0;
+	if (errno == ENOENT && epoll_ctl(socket_set, EPOLL_CTL_ADD, fd, &ev) == 0)
+		return 0;
+	socket_errno = errno;
+	return -1;
+}
+
+/* libcurl timer callback: when libcurl next wants to run, or never (-1). */
+static int
+set_timer(CURLM *m, long timeout_ms, void *clientp)
+{
+	timer_armed = (timeout_ms >= 0);
+	if (timer_armed)
+		timer_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
+	return 0;
+}
+
+/*
+ * Let libcurl act on a socket (or on its timer, with CURL_SOCKET_TIMEOUT),
+ * with every signal blocked so that a resolver thread it starts inherits a
+ * mask that keeps the server's signal handlers out of it.  Signals that
+ * arrive meanwhile are delivered when the mask is restored.
+ */
+static void
+drive_curl(curl_socket_t fd, int mask)
+{
+	sigset_t	saved;
+	CURLMcode	rc;
+	int			running;
+
+	pthread_sigmask(SIG_SETMASK, &all_signals, &saved);
+	rc = curl_multi_socket_action(multi, fd, mask, &running);
+	pthread_sigmask(SIG_SETMASK, &saved, NULL);
+
+	/* a socket libcurl has just let go of is not an error */
+	if (rc != CURLM_OK && rc != CURLM_BAD_SOCKET)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("libcurl failed to run a transfer: %s",
+						curl_multi_strerror(rc))));
+	if (socket_errno != 0)
+	{
+		errno = socket_errno;
+		socket_errno = 0;
+		ereport(ERROR,
+				(errcode_for_socket_access(),
+				 errmsg("could not watch a socket for libcurl: %m")));
+	}
+}
+
+/*
+ * Run libcurl on what is ready: each socket the epoll descriptor reports,
+ * then its timer if that is due.  Never waits.
+ */
+static void
+drive_ready(void)
+{
+	struct epoll_event events[MAX_SOCKET_EVENTS];
+	int			n;
+
+	do
+	{
+		n = epoll_wait(socket_set, events, MAX_SOCKET_EVENTS, 0);
+		if (n < 0)
+		{
+			if (errno == EINTR)
+				continue;
+			ereport(ERROR,
+					(errcode_for_socket_access(),
+					 errmsg("could not poll libcurl's sockets: %m")));
+		}
+		for (int i = 0; i < n; i++)
+		{
+			int			mask = 0;
+
+			if (events[i].events & EPOLLIN)
+				mask |= CURL_CSELECT_IN;
+			if (events[i].events & EPOLLOUT)
+				mask |= CURL_CSELECT_OUT;
+			if (events[i].events & (EPOLLERR | EPOLLHUP))
+				mask |= CURL_CSELECT_ERR;
+			drive_curl(events[i].data.fd, mask);
+		}
+	} while (n == MAX_SOCKET_EVENTS);
+
+	if (timer_armed && timer_at <= GetCurrentTimestamp())
+	{
+		timer_armed = false;
+		drive_curl(CURL_SOCKET_TIMEOUT, 0);
+	}
+}
+
 static void
 free_slot_handles(void)
 {
@@ -150,8 +356,9 @@ free_slot_handles(void)
 	{
 		Slot	   *slot = slots[i];
 
+		/* nothing to be done about a failure here; the handle goes anyway */
 		if (slot->attached && multi != NULL)
-			curl_multi_remove_handle(multi, slot->easy);
+			(void) curl_multi_remove_handle(multi, slot->easy);
 		slot->attached = false;
 		slot->busy = false;
 		if (slot->easy != NULL)
@@ -194,6 +401,7 @@ taptalk_transport_shutdown(void)
 	if (multi != NULL)
 		curl_multi_cleanup(multi);
 	multi = NULL;
+	timer_armed = false;
 	free(multi_base_url);
 	free(multi_ca_file);
 	free(multi_url);
@@ -235,16 +443,22 @@ endpoint_url(const char *base)
 /*
  * Set the options that are the same for every request on a handle.  A
  * handle is replaced when the base URL or the CA file changes, so those are
- * set here too.
+ * set here too.  On failure, *option names the option libcurl refused.
  */
-static bool
-setup_handle(Slot *slot)
+static CURLcode
+setup_handle(Slot *slot, const char **option)
 {
 	CURL	   *easy = slot->easy;
-	CURLcode	rc = CURLE_OK;
+	CURLcode	rc;
 
-#define SET(option, value) \
-	do { if (rc == CURLE_OK) rc = curl_easy_setopt(easy, option, value); } while (0)
+#define SET(name, value) \
+	do { \
+		if ((rc = curl_easy_setopt(easy, name, value)) != CURLE_OK) \
+		{ \
+			*option = #name; \
+			return rc; \
+		} \
+	} while (0)
 
 	SET(CURLOPT_URL, multi_url);
 #if LIBCURL_VERSION_NUM >= 0x075500
@@ -258,12 +472,20 @@ setup_handle(Slot *slot)
 	/* no proxy, not even one named by the server's environment */
 	SET(CURLOPT_PROXY, "");
 	SET(CURLOPT_NOSIGNAL, 1L);
+#if LIBCURL_VERSION_NUM >= 0x075700
+	/* never wait for a resolver thread stuck in getaddrinfo */
+	SET(CURLOPT_QUICK_EXIT, 1L);
+#endif
 	SET(CURLOPT_USERAGENT, USER_AGENT);
 	SET(CURLOPT_POST, 1L);
 	SET(CURLOPT_WRITEFUNCTION, collect_body);
 	SET(CURLOPT_WRITEDATA, slot);
 	SET(CURLOPT_HEADERFUNCTION, count_headers);
 	SET(CURLOPT_HEADERDATA, slot);
+	SET(CURLOPT_OPENSOCKETFUNCTION, open_counted_socket);
+	SET(CURLOPT_OPENSOCKETDATA, slot);
+	SET(CURLOPT_CLOSESOCKETFUNCTION, close_counted_socket);
+	SET(CURLOPT_CLOSESOCKETDATA, NULL);
 	SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) TAPTALK_MAX_RESPONSE_BYTES);
 	SET(CURLOPT_SSL_VERIFYPEER, 1L);
 	SET(CURLOPT_SSL_VERIFYHOST, 2L);
@@ -273,7 +495,72 @@ setup_handle(Slot *slot)
 	SET(CURLOPT_PRIVATE, slot);
 #undef SET
 
-	return rc == CURLE_OK;
+	return CURLE_OK;
+}
+
+/* A slot's body buffer, made anew after release_slot dropped a large one. */
+static void
+ensure_body(Slot *slot)
+{
+	if (slot->body.data == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		initStringInfo(&slot->body);
+		MemoryContextSwitchTo(old);
+	}
+}
+
+/* Raise for a multi handle option libcurl refused. */
+static void
+set_multi_option(CURLMoption option, const char *name, CURLMcode rc)
+{
+	if (rc != CURLM_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not set libcurl option %s: %s",
+						name, curl_multi_strerror(rc))));
+}
+
+#define SET_MULTI(name, value) \
+	set_multi_option(name, #name, curl_multi_setopt(multi, name, value))
+
+/*
+ * The descriptor set we wait on, made once per backend: the latch,
+ * postmaster death (which ends the backend) and the epoll descriptor that
+ * holds libcurl's sockets.
+ */
+static void
+prepare_waiting(void)
+{
+	if (socket_set < 0)
+	{
+		socket_set = epoll_create1(EPOLL_CLOEXEC);
+		if (socket_set < 0)
+			ereport(ERROR,
+					(errcode_for_socket_access(),
+					 errmsg("could not create an epoll descriptor: %m")));
+		ReserveExternalFD();
+	}
+	if (wait_set == NULL)
+	{
+#if PG_VERSION_NUM >= 170000
+		wait_set = CreateWaitEventSet(NULL, 3);
+#else
+		wait_set = CreateWaitEventSet(TopMemoryContext, 3);
+#endif
+		AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+		AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+		AddWaitEventToSet(wait_set, WL_SOCKET_READABLE, socket_set, NULL, NULL);
+	}
+	if (wait_event_info == 0)
+	{
+#if PG_VERSION_NUM >= 170000
+		wait_event_info = WaitEventExtensionNew("TaptalkRequest");
+#else
+		wait_event_info = PG_WAIT_EXTENSION;
+#endif
+	}
 }
 
 /*
@@ -290,9 +577,12 @@ prepare_transport(int concurrency)
 			ereport(ERROR,
 					(errcode(ERRCODE_INTERNAL_ERROR),
 					 errmsg("could not initialize libcurl")));
+		sigfillset(&all_signals);
 		on_proc_exit(transport_at_exit, (Datum) 0);
 		curl_ready = true;
 	}
+
+	prepare_waiting();
 
 	if (multi != NULL &&
 		(!same_setting(multi_base_url, taptalk_base_url) ||
@@ -314,8 +604,19 @@ prepare_transport(int concurrency)
 					 errmsg("out of memory"),
 					 errdetail("Could not create a libcurl multi handle.")));
 		}
-		/* keep idle connections for every slot that may run */
-		curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long) TAPTALK_MAX_CONCURRENCY);
+		PG_TRY();
+		{
+			/* keep idle connections for every slot that may run */
+			SET_MULTI(CURLMOPT_MAXCONNECTS, (long) TAPTALK_MAX_CONCURRENCY);
+			SET_MULTI(CURLMOPT_SOCKETFUNCTION, watch_socket);
+			SET_MULTI(CURLMOPT_TIMERFUNCTION, set_timer);
+		}
+		PG_CATCH();
+		{
+			taptalk_transport_shutdown();
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
 	}
 
 	if (slots == NULL)
@@ -326,31 +627,31 @@ prepare_transport(int concurrency)
 										   "taptalk results",
 										   ALLOCSET_SMALL_SIZES);
 	while (nslots < concurrency)
-	{
-		Slot	   *slot = MemoryContextAllocZero(TopMemoryContext, sizeof(Slot));
-		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-
-		initStringInfo(&slot->body);
-		MemoryContextSwitchTo(old);
-		slots[nslots++] = slot;
-	}
+		slots[nslots++] = MemoryContextAllocZero(TopMemoryContext, sizeof(Slot));
 	for (int i = 0; i < concurrency; i++)
 	{
-		if (slots[i]->easy == NULL)
+		Slot	   *slot = slots[i];
+
+		ensure_body(slot);
+		if (slot->easy == NULL)
 		{
-			slots[i]->easy = curl_easy_init();
-			if (slots[i]->easy == NULL)
+			const char *option = NULL;
+			CURLcode	rc;
+
+			slot->easy = curl_easy_init();
+			if (slot->easy == NULL)
 				ereport(ERROR,
 						(errcode(ERRCODE_OUT_OF_MEMORY),
 						 errmsg("out of memory"),
 						 errdetail("Could not create a libcurl handle.")));
-			if (!setup_handle(slots[i]))
+			if ((rc = setup_handle(slot, &option)) != CURLE_OK)
 			{
-				curl_easy_cleanup(slots[i]->easy);
-				slots[i]->easy = NULL;
+				curl_easy_cleanup(slot->easy);
+				slot->easy = NULL;
 				ereport(ERROR,
 						(errcode(ERRCODE_INTERNAL_ERROR),
-						 errmsg("could not configure a libcurl handle")));
+						 errmsg("could not set libcurl option %s: %s",
+								option, curl_easy_strerror(rc))));
 			}
 		}
 	}
@@ -445,6 +746,15 @@ remaining_ms(TimestampTz deadline)
 	return (long) ((deadline - now) / 1000);
 }
 
+/* Milliseconds from now until t, rounded up; 0 when t has passed. */
+static long
+ms_until(TimestampTz t, TimestampTz now)
+{
+	if (t <= now)
+		return 0;
+	return (long) ((t - now + 999) / 1000);
+}
+
 /*
  * Set up the slot's handle for an attempt and hand it to the multi handle.
  * Returns false, with the slot's error buffer set, when libcurl refuses.
@@ -454,25 +764,44 @@ start_attempt(Slot *slot, struct curl_slist *headers)
 {
 	CURL	   *easy = slot->easy;
 	long		budget = Max(remaining_ms(slot->deadline), 1);
+	const char *option = NULL;
+	CURLcode	rc = CURLE_OK;
+	CURLMcode	mrc;
 
 	slot->resp_len = 0;
 	slot->resp_overflow = false;
 	slot->resp_nomem = false;
 	slot->header_bytes = 0;
 	slot->header_overflow = false;
+	slot->no_fds = false;
 	slot->errbuf[0] = '\0';
 	slot->retry_at = 0;
 
-	curl_easy_setopt(easy, CURLOPT_HTTPHEADER, headers);
-	curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE, (long) slot->body.len);
-	curl_easy_setopt(easy, CURLOPT_POSTFIELDS, slot->body.data);
-	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, budget);
-	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS,
-					 Min((long) taptalk_connect_timeout_ms, budget));
+#define SET(name, value) \
+	do { \
+		if (rc == CURLE_OK && \
+			(rc = curl_easy_setopt(easy, name, value)) != CURLE_OK) \
+			option = #name; \
+	} while (0)
 
-	if (curl_multi_add_handle(multi, easy) != CURLM_OK)
+	SET(CURLOPT_HTTPHEADER, headers);
+	SET(CURLOPT_POSTFIELDSIZE, (long) slot->body.len);
+	SET(CURLOPT_POSTFIELDS, slot->body.data);
+	SET(CURLOPT_TIMEOUT_MS, budget);
+	SET(CURLOPT_CONNECTTIMEOUT_MS, Min((long) taptalk_connect_timeout_ms, budget));
+#undef SET
+	if (rc != CURLE_OK)
 	{
-		strlcpy(slot->errbuf, "could not start the transfer", CURL_ERROR_SIZE);
+		snprintf(slot->errbuf, CURL_ERROR_SIZE,
+				 "could not set libcurl option %s: %s",
+				 option, curl_easy_strerror(rc));
+		return false;
+	}
+
+	if ((mrc = curl_multi_add_handle(multi, easy)) != CURLM_OK)
+	{
+		snprintf(slot->errbuf, CURL_ERROR_SIZE,
+				 "could not start the transfer: %s", curl_multi_strerror(mrc));
 		return false;
 	}
 	slot->attached = true;
@@ -494,7 +823,8 @@ curl_message(Slot *slot, CURLcode rc)
 
 /*
  * Whether a connection failure is one a new attempt may cure: the server
- * could not be reached, or went away.  A TLS verification failure is not.
+ * could not be reached, or went away before its answer was complete.  A TLS
+ * verification failure is not.
  */
 static bool
 retryable_failure(CURLcode rc)
@@ -513,6 +843,13 @@ retryable_failure(CURLcode rc)
 	}
 }
 
+/* HTTP 502, 503 and 504: a gateway's failure, which a retry may cure */
+static bool
+gateway_status(long status)
+{
+	return status == 502 || status == 503 || status == 504;
+}
+
 /*
  * Turn a finished attempt into a result.  Returns true when the attempt
  * failed in a way a retry may cure.
@@ -528,35 +865,48 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 				 errmsg("out of memory"),
 				 errdetail("Could not buffer the TapTalk response.")));
 
+	/* the status line comes first, so a status is known for most failures */
+	if (curl_easy_getinfo(slot->easy, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK)
+		status = 0;
+
 	if (rc == CURLE_OK)
 	{
-		curl_easy_getinfo(slot->easy, CURLINFO_RESPONSE_CODE, &status);
 		taptalk_map_response(status, slot->resp ? slot->resp : "",
 							 slot->resp_len, result);
-		return (status == 502 || status == 503 || status == 504) &&
-			result->error_code != NULL &&
+		return gateway_status(status) && result->error_code != NULL &&
 			strcmp(result->error_code, TAPTALK_CODE_HTTP_ERROR) == 0;
 	}
 
-	if (slot->resp_overflow || rc == CURLE_FILESIZE_EXCEEDED)
+	if (slot->resp_overflow || rc == CURLE_FILESIZE_EXCEEDED ||
+		slot->header_overflow)
 	{
-		taptalk_set_error(result, TAPTALK_CODE_INVALID_RESPONSE, NULL,
-						  psprintf("response body exceeds %d bytes",
-								   TAPTALK_MAX_RESPONSE_BYTES));
-		return false;
-	}
-	if (slot->header_overflow)
-	{
-		taptalk_set_error(result, TAPTALK_CODE_INVALID_RESPONSE, NULL,
-						  psprintf("response headers exceed %d bytes",
-								   MAX_HEADER_BYTES));
+		char	   *what;
+
+		if (slot->header_overflow)
+			what = psprintf("response headers exceed %d bytes",
+							MAX_HEADER_BYTES);
+		else
+			what = psprintf("response body exceeds %d bytes",
+							TAPTALK_MAX_RESPONSE_BYTES);
+
+		/* an answer that cannot be read is no envelope: its status decides */
+		if (status >= 300)
+		{
+			taptalk_set_error(result, TAPTALK_CODE_HTTP_ERROR, NULL,
+							  psprintf("TapTalk answered HTTP status %ld without an error envelope (%s)",
+									   status, what));
+			return gateway_status(status);
+		}
+		taptalk_set_error(result, TAPTALK_CODE_INVALID_RESPONSE, NULL, what);
 		return false;
 	}
 	if (rc == CURLE_OPERATION_TIMEDOUT)
 	{
 		curl_off_t	pretransfer = 0;
 
-		curl_easy_getinfo(slot->easy, CURLINFO_PRETRANSFER_TIME_T, &pretransfer);
+		if (curl_easy_getinfo(slot->easy, CURLINFO_PRETRANSFER_TIME_T,
+							  &pretransfer) != CURLE_OK)
+			pretransfer = 0;
 		if (pretransfer == 0 && remaining_ms(slot->deadline) > 0)
 		{
 			/* the connect timeout passed, with time left for another try */
@@ -576,6 +926,12 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 						  psprintf("malformed HTTP response: %s",
 								   curl_message(slot, rc)));
 		return false;
+	}
+	if (slot->no_fds)
+	{
+		taptalk_set_error(result, TAPTALK_CODE_CONNECTION_FAILED, NULL,
+						  "could not open a connection: no file descriptor is left in this backend");
+		return true;
 	}
 
 	taptalk_set_error(result, TAPTALK_CODE_CONNECTION_FAILED, NULL,
@@ -607,12 +963,17 @@ retry_time(Slot *slot)
 	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay_ms);
 }
 
-/* Detach a slot's handle and release an oversized buffer. */
+/*
+ * Detach a slot's handle and release oversized buffers.  Runs in cleanup
+ * after an error too, so it never allocates: a released body buffer is made
+ * again by prepare_transport when the slot is next used.
+ */
 static void
 release_slot(Slot *slot)
 {
+	/* nothing to be done about a failure here; the transfer is abandoned */
 	if (slot->attached)
-		curl_multi_remove_handle(multi, slot->easy);
+		(void) curl_multi_remove_handle(multi, slot->easy);
 	slot->attached = false;
 	slot->busy = false;
 	slot->retry_at = 0;
@@ -623,13 +984,13 @@ release_slot(Slot *slot)
 		slot->resp_cap = 0;
 	}
 	slot->resp_len = 0;
-	if (slot->body.maxlen > KEEP_BUFFER_BYTES)
+	if (slot->body.data != NULL && slot->body.maxlen > KEEP_BUFFER_BYTES)
 	{
 		pfree(slot->body.data);
-		slot->body.data = MemoryContextAlloc(TopMemoryContext, 1024);
-		slot->body.maxlen = 1024;
+		slot->body.data = NULL;
+		slot->body.maxlen = 0;
+		slot->body.len = 0;
 	}
-	resetStringInfo(&slot->body);
 }
 
 /* Report a request that libcurl refused to start, and free its slot. */
@@ -656,10 +1017,54 @@ free_slot(int concurrency)
 }
 
 /*
+ * Hand every finished transfer's result to done(), or schedule its retry.
+ * Returns how many requests finished.
+ */
+static int
+collect_finished(taptalk_done_fn done, void *arg)
+{
+	CURLMsg    *msg;
+	int			left;
+	int			finished = 0;
+
+	while ((msg = curl_multi_info_read(multi, &left)) != NULL)
+	{
+		Slot	   *slot = NULL;
+		TaptalkResult result;
+		MemoryContext old;
+		bool		retry;
+
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		if (curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE,
+							  (char **) &slot) != CURLE_OK || slot == NULL)
+			elog(ERROR, "libcurl transfer without its slot");
+		(void) curl_multi_remove_handle(multi, slot->easy);
+		slot->attached = false;
+
+		old = MemoryContextSwitchTo(result_cxt);
+		retry = map_attempt(slot, msg->data.result, &result) &&
+			(slot->retry_at = retry_time(slot)) != 0;
+		MemoryContextSwitchTo(old);
+		if (retry)
+		{
+			MemoryContextReset(result_cxt);
+			continue;
+		}
+		release_slot(slot);
+		finished++;
+		done(arg, slot->id, &result);
+		MemoryContextReset(result_cxt);
+	}
+	return finished;
+}
+
+/*
  * Send the requests that next() produces, at most `concurrency` at a time,
  * and hand each result to done().  Returns when every request has finished;
  * raises only for interrupts, configuration errors and out of memory, after
- * detaching every transfer.
+ * detaching every transfer.  A request's taptalk.timeout starts when it is
+ * first sent and covers its retries.
  */
 void
 taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
@@ -679,23 +1084,22 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 
 		for (;;)
 		{
-			CURLMsg    *msg;
-			int			left;
-			int			running;
 			TimestampTz now;
-			long		wait_ms = POLL_INTERVAL_MS;
+			long		wait_ms = MAX_WAIT_MS;
 
 			/* fill the free slots with new requests */
 			while (!exhausted && busy < concurrency)
 			{
 				Slot	   *slot = free_slot(concurrency);
+				TaptalkNext got;
 
+				ensure_body(slot);
 				resetStringInfo(&slot->body);
-				if (!next(arg, &slot->id, &slot->body))
-				{
+				got = next(arg, &slot->id, &slot->body);
+				if (got == TAPTALK_NEXT_NONE)
 					exhausted = true;
+				if (got != TAPTALK_NEXT_REQUEST)
 					break;
-				}
 				slot->busy = true;
 				busy++;
 				slot->attempt = 0;
@@ -708,9 +1112,13 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 				}
 			}
 			if (busy == 0)
-				break;
+			{
+				if (exhausted)
+					break;
+				elog(ERROR, "taptalk request source waits with no request in flight");
+			}
 
-			/* restart the retries that are due; note the next one */
+			/* restart the retries that are due; note when the next one is */
 			now = GetCurrentTimestamp();
 			for (int i = 0; i < concurrency; i++)
 			{
@@ -728,46 +1136,33 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 					}
 				}
 				else
-					wait_ms = Min(wait_ms,
-								  (long) ((slot->retry_at - now) / 1000) + 1);
+					wait_ms = Min(wait_ms, ms_until(slot->retry_at, now));
 			}
+			if (timer_armed)
+				wait_ms = Min(wait_ms, ms_until(timer_at, now));
 
-			curl_multi_perform(multi, &running);
-
-			while ((msg = curl_multi_info_read(multi, &left)) != NULL)
+			/*
+			 * Wait for a socket, the timer, a retry or the latch.  Nothing to
+			 * wait for when libcurl wants to run now (a transfer was just
+			 * added): interrupts are still checked below.
+			 */
+			if (wait_ms > 0 && busy > 0)
 			{
-				Slot	   *slot;
-				TaptalkResult result;
-				MemoryContext old;
+				WaitEvent	events[3];
+				int			n;
 
-				if (msg->msg != CURLMSG_DONE)
-					continue;
-				curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &slot);
-				curl_multi_remove_handle(multi, slot->easy);
-				slot->attached = false;
-
-				old = MemoryContextSwitchTo(result_cxt);
-				if (map_attempt(slot, msg->data.result, &result) &&
-					(slot->retry_at = retry_time(slot)) != 0)
+				n = WaitEventSetWait(wait_set, wait_ms, events,
+									 lengthof(events), wait_event_info);
+				for (int i = 0; i < n; i++)
 				{
-					MemoryContextSwitchTo(old);
-					MemoryContextReset(result_cxt);
-					wait_ms = Min(wait_ms, RETRY_BASE_DELAY_MS / 2);
-					continue;
+					if (events[i].events & WL_LATCH_SET)
+						ResetLatch(MyLatch);
 				}
-				MemoryContextSwitchTo(old);
-				release_slot(slot);
-				busy--;
-				done(arg, slot->id, &result);
-				MemoryContextReset(result_cxt);
 			}
-
 			CHECK_FOR_INTERRUPTS();
 
-			if (busy > 0)
-				curl_multi_poll(multi, NULL, 0, (int) Max(wait_ms, 1), NULL);
-
-			CHECK_FOR_INTERRUPTS();
+			drive_ready();
+			busy -= collect_finished(done, arg);
 		}
 	}
 	PG_FINALLY();
