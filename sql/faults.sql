@@ -52,6 +52,21 @@ SELECT error_code FROM taptalk_auth_ticket(req('fault-envelope500'));
 SELECT error_code FROM taptalk_auth_ticket(req('fault-status-404'));
 SELECT count(*) AS attempts FROM mock_requests(:mark);
 
+-- a 503 is retried even when its body or its headers are too long to read:
+-- its status says what happened (HTTP_ERROR), not its size
+SET taptalk.timeout_ms = 5000;
+SELECT mock_mark() AS mark \gset
+SELECT * FROM taptalk_auth_ticket(req('fault-huge503-2'));
+SELECT count(*) AS attempts FROM mock_requests(:mark);
+SELECT mock_mark() AS mark \gset
+SELECT * FROM taptalk_auth_ticket(req('fault-headers503'));
+SELECT count(*) AS attempts FROM mock_requests(:mark);
+-- a body cut short by a closed connection is CONNECTION_FAILED, and retried
+SELECT mock_mark() AS mark \gset
+SELECT * FROM taptalk_auth_ticket(req('fault-partial'));
+SELECT count(*) AS attempts FROM mock_requests(:mark);
+SET taptalk.timeout_ms = 500;
+
 -- the session is still usable and the connection cache still works
 SELECT * FROM taptalk_auth_ticket(req('faults-after'));
 RESET taptalk.timeout_ms;

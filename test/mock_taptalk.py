@@ -102,6 +102,10 @@ API contract
      fault-numeric-userid       200 envelope, userID 4242 (a number),
                                 ticket "ticket-numeric"
      fault-huge-<MiB>           200 application/json of <MiB> MiB, streamed
+     fault-huge503-<MiB>        the same with status 503
+     fault-headers503           status line 503, then endless headers
+     fault-partial              200 with Content-Length 200, 20 bytes of
+                                body, then the connection closes
      fault-hugechunked-<MiB>    the same without Content-Length (chunked), so
                                 the client only learns the size by reading
      fault-endless              200 chunked, 1 KiB of spaces every 10 ms
@@ -704,6 +708,14 @@ class Connection:
             mib = parse_uint(f[5:], 6)
             if mib is not None:
                 return self.huge(req, min(mib, 102400))
+        elif f.startswith("huge503-"):
+            mib = parse_uint(f[8:], 6)
+            if mib is not None:
+                return self.huge(req, min(mib, 102400), status=503)
+        elif f == "headers503":
+            return self.endless_headers(status=503)
+        elif f == "partial":
+            return self.partial(req)
         elif f.startswith("hugechunked-"):
             mib = parse_uint(f[12:], 6)
             if mib is not None:
@@ -755,15 +767,16 @@ class Connection:
                                   "Param 'email' is invalid", "107")
         return self.json_resp(req, 200, success_body(x))
 
-    def huge(self, req, mib, chunked=False):
+    def huge(self, req, mib, chunked=False, status=200):
         total = mib * 1048576
         keep = req.keep_alive
         length = ("Transfer-Encoding: chunked" if chunked
                   else "Content-Length: %d" % total)
-        head = ("HTTP/1.1 200 OK\r\nServer: mock-taptalk\r\n"
+        head = ("HTTP/1.1 %d %s\r\nServer: mock-taptalk\r\n"
                 "Content-Type: application/json\r\n"
                 "%s\r\nConnection: %s\r\n\r\n"
-                % (length, "keep-alive" if keep else "close")).encode("ascii")
+                % (status, reason(status), length,
+                   "keep-alive" if keep else "close")).encode("ascii")
         start = b'{"status":200,"data":{"userID":"1","ticket":"'[:total]
         first_len = min(total, CHUNK)
         first = start + b"A" * (first_len - len(start))
@@ -808,13 +821,22 @@ class Connection:
         self.send(b"0\r\n\r\n")
         return False
 
-    def endless_headers(self):
+    def partial(self, req):
+        """200 announcing 200 bytes of body, 20 sent, then the connection
+        closes."""
+        self.send(b"HTTP/1.1 200 OK\r\nServer: mock-taptalk\r\n"
+                  b"Content-Type: application/json\r\n"
+                  b"Content-Length: 200\r\n\r\n"
+                  b'{"status":200,"data"')
+        return False
+
+    def endless_headers(self, status=200):
         try:
             self.sock.settimeout(STREAM_TIMEOUT)
         except OSError:
             return False
         filler = b"x" * 1000
-        self.send(b"HTTP/1.1 200 OK\r\n")
+        self.send(b"HTTP/1.1 %d %s\r\n" % (status, reason(status).encode("ascii")))
         deadline = time.monotonic() + ENDLESS_CAP
         i = 0
         while time.monotonic() < deadline:
