@@ -513,7 +513,7 @@ ensure_body(Slot *slot)
 
 /* Raise for a multi handle option libcurl refused. */
 static void
-set_multi_option(CURLMoption option, const char *name, CURLMcode rc)
+set_multi_option(const char *name, CURLMcode rc)
 {
 	if (rc != CURLM_OK)
 		ereport(ERROR,
@@ -523,7 +523,7 @@ set_multi_option(CURLMoption option, const char *name, CURLMcode rc)
 }
 
 #define SET_MULTI(name, value) \
-	set_multi_option(name, #name, curl_multi_setopt(multi, name, value))
+	set_multi_option(#name, curl_multi_setopt(multi, name, value))
 
 /*
  * The descriptor set we wait on, made once per backend: the latch,
@@ -550,7 +550,8 @@ prepare_waiting(void)
 		wait_set = CreateWaitEventSet(TopMemoryContext, 3);
 #endif
 		AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-		AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+		if (IsUnderPostmaster)	/* not in single-user mode */
+			AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 		AddWaitEventToSet(wait_set, WL_SOCKET_READABLE, socket_set, NULL, NULL);
 	}
 	if (wait_event_info == 0)
