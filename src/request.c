@@ -97,18 +97,36 @@ is_blank(const char *s, int len)
 /*
  * The text form of an integral jsonb number, or NULL when it has a
  * fractional part.  "6.0" counts as the integer 6 and is sent as "6".
+ *
+ * Read from numeric_out's text, which any numeric has: arithmetic such as
+ * rounding can overflow for the largest numbers a jsonb may hold.
  */
 static char *
 integral_numeric_text(Numeric num)
 {
-	Datum		rounded;
+	char	   *text = DatumGetCString(DirectFunctionCall1(numeric_out,
+														   NumericGetDatum(num)));
+	char	   *p = text;
+	char	   *point;
 
-	rounded = DirectFunctionCall2(numeric_round, NumericGetDatum(num),
-								  Int32GetDatum(0));
-	if (!DatumGetBool(DirectFunctionCall2(numeric_eq, NumericGetDatum(num),
-										  rounded)))
+	/* -?digits(.digits)? ; anything else (NaN, Infinity) is no integer */
+	if (*p == '-')
+		p++;
+	if (*p < '0' || *p > '9')
 		return NULL;
-	return DatumGetCString(DirectFunctionCall1(numeric_out, rounded));
+	while (*p >= '0' && *p <= '9')
+		p++;
+	if (*p == '\0')
+		return text;
+	if (*p != '.')
+		return NULL;
+	point = p++;
+	while (*p == '0')
+		p++;
+	if (*p != '\0')
+		return NULL;
+	*point = '\0';
+	return text;
 }
 
 /*
