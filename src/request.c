@@ -11,6 +11,11 @@
  * style.  Exactly one failure is reported, deterministically: unrecognized
  * keys first, then the fields in the documented order.
  *
+ * TapTalk speaks UTF-8: each string is converted from the database encoding
+ * before it is checked, and one that cannot be (not UTF-8 in a SQL_ASCII
+ * database, a byte with no Unicode character in some single-byte encodings)
+ * fails its field's check.  Nothing here raises for what a request holds.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -129,6 +134,17 @@ integral_numeric_text(Numeric num)
 	return text;
 }
 
+/* The number of characters in len bytes of valid UTF-8 at s. */
+static int
+utf8_char_count(const char *s, int len)
+{
+	int			n = 0;
+
+	for (int i = 0; i < len; i += pg_utf_mblen((const unsigned char *) s + i))
+		n++;
+	return n;
+}
+
 /*
  * Check one field's value.  On success, *text is the string to send, or NULL
  * when the field is to be left out.  On failure, fills *failure.
@@ -152,8 +168,16 @@ check_field(const FieldSpec *spec, JsonbValue *v, char **text,
 
 	if (v->type == jbvString)
 	{
-		s = v->val.string.val;
-		len = v->val.string.len;
+		/* TapTalk gets UTF-8, so the checks are made on that */
+		s = taptalk_convert_encoding(v->val.string.val, v->val.string.len,
+									 GetDatabaseEncoding(), PG_UTF8, false);
+		if (s == NULL)
+			return param_failure(failure, spec->code,
+								 psprintf(GetDatabaseEncoding() == PG_SQL_ASCII ?
+										  "Param '%s' is not valid UTF-8" :
+										  "Param '%s' cannot be converted to UTF-8",
+										  spec->name));
+		len = strlen(s);
 	}
 	else if (v->type == jbvNumeric && spec->kind == FIELD_USER_ID)
 	{
@@ -178,7 +202,7 @@ check_field(const FieldSpec *spec, JsonbValue *v, char **text,
 							 psprintf("Param '%s' is required", spec->name));
 
 	if (spec->kind == FIELD_USER_ID &&
-		pg_mbstrlen_with_len(s, len) > XC_USER_ID_MAX_CHARS)
+		utf8_char_count(s, len) > XC_USER_ID_MAX_CHARS)
 		return param_failure(failure, spec->code,
 							 psprintf("Param '%s' must be at most %d characters",
 									  spec->name, XC_USER_ID_MAX_CHARS));
@@ -199,17 +223,17 @@ check_field(const FieldSpec *spec, JsonbValue *v, char **text,
 										  spec->name));
 	}
 
-	*text = pnstrdup(s, len);
+	*text = s;
 	return true;
 }
 
 /*
  * Validate a request object and build the body to send.
  *
- * Returns true and fills body (UTF-8 JSON, the given fields in the documented
- * order, xcUserID as a string) when the request passes every check; returns
- * false and fills *failure otherwise.  The caller has checked that request is
- * a JSON object.
+ * Returns true and fills body (UTF-8 JSON whatever the database encoding,
+ * the given fields in the documented order, xcUserID as a string) when the
+ * request passes every check; returns false and fills *failure otherwise.
+ * The caller has checked that request is a JSON object.
  */
 bool
 taptalk_build_request(Jsonb *request, StringInfo body, TaptalkResult *failure)
@@ -265,18 +289,6 @@ taptalk_build_request(Jsonb *request, StringInfo body, TaptalkResult *failure)
 		escape_json(body, texts[i]);
 	}
 	appendStringInfoChar(body, '}');
-
-	/* TapTalk speaks UTF-8; convert from the database encoding if needed */
-	if (GetDatabaseEncoding() != PG_UTF8)
-	{
-		char	   *utf8 = pg_server_to_any(body->data, body->len, PG_UTF8);
-
-		if (utf8 != body->data)
-		{
-			resetStringInfo(body);
-			appendStringInfoString(body, utf8);
-		}
-	}
 
 	return true;
 }
