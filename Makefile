@@ -6,7 +6,7 @@ OBJS = src/taptalk.o src/request.o src/response.o src/transport.o
 EXTENSION = taptalk
 DATA = taptalk--1.0.sql
 
-REGRESS = init validation request response faults cancel privileges trigger batch reuse protocols
+REGRESS = init validation request response encoding faults cancel privileges trigger batch reuse protocols
 REGRESS_OPTS = --inputdir=.
 
 CURL_CONFIG ?= curl-config

@@ -70,3 +70,49 @@ SELECT * FROM taptalk_auth_ticket(req(repeat('y', 60)) || '{"fullName": 1}');
 
 -- none of the above reached the server
 SELECT count(*) AS requests_seen FROM mock_requests(:mark);
+
+-- numbers at the edges of what a jsonb can hold, in every place a number
+-- can go: each is a 40002 row or a sent request, never an ERROR.  An
+-- integral xcUserID is sent as its digits ("6.0" as "6"), within the
+-- 50-character limit; any non-zero fraction is refused; a string field
+-- refuses every number.
+CREATE TEMP TABLE numeric_edge (n int, label text, num jsonb);
+INSERT INTO numeric_edge VALUES
+	(1, '1e1000', '1e1000'),
+	(2, '1e-1000', '1e-1000'),
+	(3, '-0', '-0'),
+	(4, '0.0', '0.0'),
+	(5, '6.0', '6.0'),
+	(6, '1e2', '1e2'),
+	(7, '131072 nines .5', (repeat('9', 131072) || '.5')::jsonb),
+	(8, '131072 nines', repeat('9', 131072)::jsonb),
+	(9, '-131072 nines', ('-' || repeat('9', 131072))::jsonb),
+	(10, '9e131071', '9e131071'),
+	(11, '50 nines', repeat('9', 50)::jsonb),
+	(12, '1e50', '1e50'),
+	(13, '-49 nines', ('-' || repeat('9', 49))::jsonb),
+	(14, '-50 nines', ('-' || repeat('9', 50))::jsonb),
+	(15, '1e-16383', '1e-16383'),
+	(16, '-1e-16383', '-1e-16383'),
+	(17, '1.(16383 zeros)', ('1.' || repeat('0', 16383))::jsonb),
+	(18, '-1e1000', '-1e1000');
+SELECT mock_mark() AS mark \gset
+SELECT e.label, r.*
+FROM numeric_edge e,
+	 LATERAL taptalk_auth_ticket(jsonb_set(req('x'), '{xcUserID}', e.num)) AS r
+ORDER BY e.n;
+SELECT e.label, r.*
+FROM numeric_edge e,
+	 LATERAL taptalk_auth_ticket(jsonb_set(req('x'), '{fullName}', e.num)) AS r
+ORDER BY e.n;
+SELECT e.label, r.*
+FROM taptalk_auth_tickets(ARRAY(
+		SELECT jsonb_set(req('x'), '{xcUserID}', num) FROM numeric_edge ORDER BY n)) AS r
+	 JOIN numeric_edge e ON e.n = r.ord
+ORDER BY r.ord;
+-- what was sent: xcUserID as a JSON string, twice each (one call, one batch)
+SELECT jsonb_typeof((e->>'body')::jsonb->'xcUserID') AS type,
+	   (e->>'body')::jsonb->>'xcUserID' AS xc_user_id, count(*)
+FROM mock_requests(:mark) e
+GROUP BY 1, 2
+ORDER BY 2;

@@ -11,6 +11,11 @@
  * style.  Exactly one failure is reported, deterministically: unrecognized
  * keys first, then the fields in the documented order.
  *
+ * TapTalk speaks UTF-8: each string is converted from the database encoding
+ * before it is checked, and one that cannot be (not UTF-8 in a SQL_ASCII
+ * database, a byte with no Unicode character in some single-byte encodings)
+ * fails its field's check.  Nothing here raises for what a request holds.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -97,18 +102,47 @@ is_blank(const char *s, int len)
 /*
  * The text form of an integral jsonb number, or NULL when it has a
  * fractional part.  "6.0" counts as the integer 6 and is sent as "6".
+ *
+ * Read from numeric_out's text, which any numeric has: arithmetic such as
+ * rounding can overflow for the largest numbers a jsonb may hold.
  */
 static char *
 integral_numeric_text(Numeric num)
 {
-	Datum		rounded;
+	char	   *text = DatumGetCString(DirectFunctionCall1(numeric_out,
+														   NumericGetDatum(num)));
+	char	   *p = text;
+	char	   *point;
 
-	rounded = DirectFunctionCall2(numeric_round, NumericGetDatum(num),
-								  Int32GetDatum(0));
-	if (!DatumGetBool(DirectFunctionCall2(numeric_eq, NumericGetDatum(num),
-										  rounded)))
+	/* -?digits(.digits)? ; anything else (NaN, Infinity) is no integer */
+	if (*p == '-')
+		p++;
+	if (*p < '0' || *p > '9')
 		return NULL;
-	return DatumGetCString(DirectFunctionCall1(numeric_out, rounded));
+	while (*p >= '0' && *p <= '9')
+		p++;
+	if (*p == '\0')
+		return text;
+	if (*p != '.')
+		return NULL;
+	point = p++;
+	while (*p == '0')
+		p++;
+	if (*p != '\0')
+		return NULL;
+	*point = '\0';
+	return text;
+}
+
+/* The number of characters in len bytes of valid UTF-8 at s. */
+static int
+utf8_char_count(const char *s, int len)
+{
+	int			n = 0;
+
+	for (int i = 0; i < len; i += pg_utf_mblen((const unsigned char *) s + i))
+		n++;
+	return n;
 }
 
 /*
@@ -134,8 +168,16 @@ check_field(const FieldSpec *spec, JsonbValue *v, char **text,
 
 	if (v->type == jbvString)
 	{
-		s = v->val.string.val;
-		len = v->val.string.len;
+		/* TapTalk gets UTF-8, so the checks are made on that */
+		s = taptalk_convert_encoding(v->val.string.val, v->val.string.len,
+									 GetDatabaseEncoding(), PG_UTF8, false);
+		if (s == NULL)
+			return param_failure(failure, spec->code,
+								 psprintf(GetDatabaseEncoding() == PG_SQL_ASCII ?
+										  "Param '%s' is not valid UTF-8" :
+										  "Param '%s' cannot be converted to UTF-8",
+										  spec->name));
+		len = strlen(s);
 	}
 	else if (v->type == jbvNumeric && spec->kind == FIELD_USER_ID)
 	{
@@ -160,7 +202,7 @@ check_field(const FieldSpec *spec, JsonbValue *v, char **text,
 							 psprintf("Param '%s' is required", spec->name));
 
 	if (spec->kind == FIELD_USER_ID &&
-		pg_mbstrlen_with_len(s, len) > XC_USER_ID_MAX_CHARS)
+		utf8_char_count(s, len) > XC_USER_ID_MAX_CHARS)
 		return param_failure(failure, spec->code,
 							 psprintf("Param '%s' must be at most %d characters",
 									  spec->name, XC_USER_ID_MAX_CHARS));
@@ -181,17 +223,17 @@ check_field(const FieldSpec *spec, JsonbValue *v, char **text,
 										  spec->name));
 	}
 
-	*text = pnstrdup(s, len);
+	*text = s;
 	return true;
 }
 
 /*
  * Validate a request object and build the body to send.
  *
- * Returns true and fills body (UTF-8 JSON, the given fields in the documented
- * order, xcUserID as a string) when the request passes every check; returns
- * false and fills *failure otherwise.  The caller has checked that request is
- * a JSON object.
+ * Returns true and fills body (UTF-8 JSON whatever the database encoding,
+ * the given fields in the documented order, xcUserID as a string) when the
+ * request passes every check; returns false and fills *failure otherwise.
+ * The caller has checked that request is a JSON object.
  */
 bool
 taptalk_build_request(Jsonb *request, StringInfo body, TaptalkResult *failure)
@@ -247,18 +289,6 @@ taptalk_build_request(Jsonb *request, StringInfo body, TaptalkResult *failure)
 		escape_json(body, texts[i]);
 	}
 	appendStringInfoChar(body, '}');
-
-	/* TapTalk speaks UTF-8; convert from the database encoding if needed */
-	if (GetDatabaseEncoding() != PG_UTF8)
-	{
-		char	   *utf8 = pg_server_to_any(body->data, body->len, PG_UTF8);
-
-		if (utf8 != body->data)
-		{
-			resetStringInfo(body);
-			appendStringInfoString(body, utf8);
-		}
-	}
 
 	return true;
 }

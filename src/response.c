@@ -11,12 +11,15 @@
  * by one of our own codes.  Nothing the server sends makes this raise an
  * error: the body is parsed with the server's JSON parser, which reports
  * malformed input as a return code, after checks that keep it within its
- * limits (valid UTF-8, bounded nesting).
+ * limits (valid UTF-8, bounded nesting).  The body is UTF-8 whatever the
+ * database encoding; only the values returned are converted, without
+ * raising, to the database encoding.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "catalog/namespace.h"
 #include "common/jsonapi.h"
 #include "mb/pg_wchar.h"
 
@@ -28,13 +31,8 @@
  */
 #define MAX_RESPONSE_NESTING 64
 
-#if PG_VERSION_NUM >= 160000
-#define SEM_ACTION_RESULT JsonParseErrorType
-#define SEM_ACTION_DONE return JSON_SUCCESS
-#else
-#define SEM_ACTION_RESULT void
-#define SEM_ACTION_DONE return
-#endif
+/* source bytes given to one call of a conversion function */
+#define CONVERSION_CHUNK 8192
 
 /* the envelope members we look for */
 typedef enum EnvelopeMember
@@ -48,104 +46,29 @@ typedef enum EnvelopeMember
 	NUM_MEMBERS
 } EnvelopeMember;
 
+/* their names in messages */
+static const char *const member_names[NUM_MEMBERS] = {
+	"error.code", "error.message", "error.field", "data.userID", "data.ticket"
+};
+
 typedef struct EnvelopeState
 {
-	int			depth;			/* 0 outside the root value */
 	bool		root_is_object;
-	bool		outer_object;	/* the level-1 value being read is an object */
-	int			section;		/* 0 none, 1 "error", 2 "data" */
-	EnvelopeMember member;		/* member whose value comes next */
-	char	   *values[NUM_MEMBERS];
+	char	   *values[NUM_MEMBERS];	/* UTF-8 */
 } EnvelopeState;
 
-static SEM_ACTION_RESULT
-env_object_start(void *state)
+/* one open container while walking the tokens */
+typedef struct OpenContainer
 {
-	EnvelopeState *st = (EnvelopeState *) state;
+	bool		is_object;
+	bool		expect_key;		/* in an object: the next string is a key */
 
-	if (st->depth == 0)
-		st->root_is_object = true;
-	else if (st->depth == 1)
-		st->outer_object = true;
-	st->depth++;
-	st->member = MEMBER_NONE;
-	SEM_ACTION_DONE;
-}
-
-static SEM_ACTION_RESULT
-env_array_start(void *state)
-{
-	EnvelopeState *st = (EnvelopeState *) state;
-
-	if (st->depth == 1)
-		st->outer_object = false;
-	st->depth++;
-	st->member = MEMBER_NONE;
-	SEM_ACTION_DONE;
-}
-
-static SEM_ACTION_RESULT
-env_end(void *state)
-{
-	EnvelopeState *st = (EnvelopeState *) state;
-
-	st->depth--;
-	st->member = MEMBER_NONE;
-	SEM_ACTION_DONE;
-}
-
-static SEM_ACTION_RESULT
-env_field_start(void *state, char *fname, bool isnull)
-{
-	EnvelopeState *st = (EnvelopeState *) state;
-
-	st->member = MEMBER_NONE;
-	if (!st->root_is_object)
-		SEM_ACTION_DONE;
-
-	if (st->depth == 1)
-	{
-		/* a member of the root object: which section follows */
-		if (strcmp(fname, "error") == 0)
-			st->section = 1;
-		else if (strcmp(fname, "data") == 0)
-			st->section = 2;
-		else
-			st->section = 0;
-		st->outer_object = false;
-	}
-	else if (st->depth == 2 && st->outer_object)
-	{
-		if (st->section == 1 && strcmp(fname, "code") == 0)
-			st->member = MEMBER_ERROR_CODE;
-		else if (st->section == 1 && strcmp(fname, "message") == 0)
-			st->member = MEMBER_ERROR_MESSAGE;
-		else if (st->section == 1 && strcmp(fname, "field") == 0)
-			st->member = MEMBER_ERROR_FIELD;
-		else if (st->section == 2 && strcmp(fname, "userID") == 0)
-			st->member = MEMBER_DATA_USER_ID;
-		else if (st->section == 2 && strcmp(fname, "ticket") == 0)
-			st->member = MEMBER_DATA_TICKET;
-	}
-	SEM_ACTION_DONE;
-}
-
-static SEM_ACTION_RESULT
-env_scalar(void *state, char *token, JsonTokenType tokentype)
-{
-	EnvelopeState *st = (EnvelopeState *) state;
-
-	/* only strings and numbers count; a later duplicate key wins */
-	if (st->member != MEMBER_NONE && st->depth == 2)
-	{
-		if (tokentype == JSON_TOKEN_STRING || tokentype == JSON_TOKEN_NUMBER)
-			st->values[st->member] = token;
-		else
-			st->values[st->member] = NULL;
-	}
-	st->member = MEMBER_NONE;
-	SEM_ACTION_DONE;
-}
+	/*
+	 * 0 none, 1 "error", 2 "data": in the root object, the section of the
+	 * member being read; in a container directly inside it, its own.
+	 */
+	int			section;
+} OpenContainer;
 
 /*
  * Whether the body nests containers deeper than MAX_RESPONSE_NESTING.  A
@@ -181,9 +104,112 @@ nests_too_deep(const char *body, size_t len)
 	return false;
 }
 
+/* The value of the four hexadecimal digits at p, which the lexer checked. */
+static pg_wchar
+hex4(const char *p)
+{
+	pg_wchar	v = 0;
+
+	for (int i = 0; i < 4; i++)
+	{
+		char		c = p[i];
+
+		v <<= 4;
+		if (c >= '0' && c <= '9')
+			v |= c - '0';
+		else if (c >= 'a' && c <= 'f')
+			v |= c - 'a' + 10;
+		else
+			v |= c - 'A' + 10;
+	}
+	return v;
+}
+
+/*
+ * Decode the JSON string token [start, end), quotes included, which the
+ * server's lexer has accepted, into UTF-8 in out.  Returns false for an
+ * escape that stands for no character text can hold: \u0000 or a lone
+ * surrogate.
+ *
+ * The server's lexer de-escapes into the database encoding, and on
+ * PostgreSQL 15 raises for a \u escape that encoding cannot represent, so
+ * the body is lexed without de-escaping and the few strings we read are
+ * decoded here, to UTF-8 like the rest of the body.
+ */
+static bool
+decode_json_string(const char *start, const char *end, StringInfo out)
+{
+	const char *p = start + 1;
+	const char *stop = end - 1;
+
+	resetStringInfo(out);
+	while (p < stop)
+	{
+		const char *run = p;
+		pg_wchar	c;
+		unsigned char utf8[8];
+
+		while (p < stop && *p != '\\')
+			p++;
+		appendBinaryStringInfo(out, run, p - run);
+		if (p >= stop)
+			break;
+
+		/* an escape: a backslash and at least one more character */
+		p++;
+		switch (*p++)
+		{
+			case 'b':
+				appendStringInfoChar(out, '\b');
+				continue;
+			case 'f':
+				appendStringInfoChar(out, '\f');
+				continue;
+			case 'n':
+				appendStringInfoChar(out, '\n');
+				continue;
+			case 'r':
+				appendStringInfoChar(out, '\r');
+				continue;
+			case 't':
+				appendStringInfoChar(out, '\t');
+				continue;
+			case 'u':
+				break;
+			default:			/* '"', '\\' and '/' stand for themselves */
+				appendStringInfoChar(out, p[-1]);
+				continue;
+		}
+
+		c = hex4(p);
+		p += 4;
+		if (is_utf16_surrogate_first(c))
+		{
+			pg_wchar	low;
+
+			if (stop - p < 6 || p[0] != '\\' || p[1] != 'u')
+				return false;
+			low = hex4(p + 2);
+			if (!is_utf16_surrogate_second(low))
+				return false;
+			c = surrogate_pair_to_codepoint(c, low);
+			p += 6;
+		}
+		else if (is_utf16_surrogate_second(c) || c == 0)
+			return false;
+		unicode_to_utf8(c, utf8);
+		appendBinaryStringInfo(out, (char *) utf8, pg_utf_mblen(utf8));
+	}
+	return true;
+}
+
 /*
  * Parse body as a TapTalk envelope into st.  Returns false, with *why set,
  * when the body is not JSON the parser can take.
+ *
+ * The body is parsed as UTF-8 whatever the database encoding: first checked
+ * whole by the server's parser, then walked token by token to pick out the
+ * members we look for, which stay UTF-8.
  */
 static bool
 parse_envelope(const char *body, size_t len, EnvelopeState *st,
@@ -192,10 +218,13 @@ parse_envelope(const char *body, size_t len, EnvelopeState *st,
 	JsonLexContext *lex;
 	JsonSemAction sem;
 	JsonParseErrorType rc;
-	char	   *copy;
+	OpenContainer open[MAX_RESPONSE_NESTING + 1];
+	int			depth = 0;
+	EnvelopeMember member = MEMBER_NONE;	/* whose value comes next */
+	bool		undecodable = false;
+	StringInfoData str;
 
 	memset(st, 0, sizeof(*st));
-	st->member = MEMBER_NONE;
 
 	if (len == 0)
 	{
@@ -214,29 +243,13 @@ parse_envelope(const char *body, size_t len, EnvelopeState *st,
 		return false;
 	}
 
+	/* the grammar, without de-escaping (see decode_json_string) */
 	memset(&sem, 0, sizeof(sem));
-	sem.semstate = st;
-	sem.object_start = env_object_start;
-	sem.object_end = env_end;
-	sem.array_start = env_array_start;
-	sem.array_end = env_end;
-	sem.object_field_start = env_field_start;
-	sem.scalar = env_scalar;
-
-	/*
-	 * Strings come out in the database encoding.  In a database that is not
-	 * UTF-8, a character it cannot represent raises the conversion's error.
-	 */
-	copy = pg_any_to_server(body, (int) len, PG_UTF8);
-	if (copy == body)
-		copy = pnstrdup(body, len);
-	len = strlen(copy);
 #if PG_VERSION_NUM >= 170000
-	lex = makeJsonLexContextCstringLen(NULL, copy, len, GetDatabaseEncoding(),
-									   true);
+	lex = makeJsonLexContextCstringLen(NULL, body, len, PG_UTF8, false);
 #else
-	lex = makeJsonLexContextCstringLen(copy, (int) len, GetDatabaseEncoding(),
-									   true);
+	lex = makeJsonLexContextCstringLen(unconstify(char *, body), (int) len,
+									   PG_UTF8, false);
 #endif
 	rc = pg_parse_json(lex, &sem);
 #if PG_VERSION_NUM >= 170000
@@ -247,7 +260,242 @@ parse_envelope(const char *body, size_t len, EnvelopeState *st,
 		*why = "response body is not valid JSON";
 		return false;
 	}
+
+	/*
+	 * The members: error.code, .message, .field and data.userID, .ticket are
+	 * the strings or numbers at depth 2 under the root object's "error" and
+	 * "data" objects; a later duplicate key wins, and a value of another
+	 * kind counts as none.
+	 */
+#if PG_VERSION_NUM >= 170000
+	lex = makeJsonLexContextCstringLen(NULL, body, len, PG_UTF8, false);
+#else
+	lex = makeJsonLexContextCstringLen(unconstify(char *, body), (int) len,
+									   PG_UTF8, false);
+#endif
+	initStringInfo(&str);
+	for (;;)
+	{
+		const char *tok_start;
+		const char *tok_end;
+		OpenContainer *top = depth > 0 ? &open[depth - 1] : NULL;
+
+		rc = json_lex(lex);
+		if (rc != JSON_SUCCESS)
+			break;				/* cannot happen: the parser accepted it */
+		tok_start = lex->token_start;
+		tok_end = lex->token_terminator;
+
+		switch (lex->token_type)
+		{
+			case JSON_TOKEN_END:
+				break;
+			case JSON_TOKEN_OBJECT_START:
+			case JSON_TOKEN_ARRAY_START:
+				if (depth == 0 && lex->token_type == JSON_TOKEN_OBJECT_START)
+					st->root_is_object = true;
+				open[depth].is_object =
+					(lex->token_type == JSON_TOKEN_OBJECT_START);
+				open[depth].expect_key = true;
+				open[depth].section = depth == 1 ? top->section : 0;
+				depth++;
+				member = MEMBER_NONE;
+				continue;
+			case JSON_TOKEN_OBJECT_END:
+			case JSON_TOKEN_ARRAY_END:
+				depth--;
+				member = MEMBER_NONE;
+				continue;
+			case JSON_TOKEN_COMMA:
+				top->expect_key = true;
+				continue;
+			case JSON_TOKEN_COLON:
+				continue;
+			case JSON_TOKEN_STRING:
+				if (top != NULL && top->is_object && top->expect_key)
+				{
+					/* a key: only those of the root and its objects matter */
+					top->expect_key = false;
+					member = MEMBER_NONE;
+					if (!st->root_is_object || depth > 2 ||
+						(depth == 2 && open[1].section == 0))
+						continue;
+					if (!decode_json_string(tok_start, tok_end, &str))
+					{
+						undecodable = true;
+						break;
+					}
+					if (depth == 1)
+					{
+						/* which section the value of this member is */
+						top->section = strcmp(str.data, "error") == 0 ? 1 :
+							strcmp(str.data, "data") == 0 ? 2 : 0;
+					}
+					else if (top->section == 1)
+					{
+						if (strcmp(str.data, "code") == 0)
+							member = MEMBER_ERROR_CODE;
+						else if (strcmp(str.data, "message") == 0)
+							member = MEMBER_ERROR_MESSAGE;
+						else if (strcmp(str.data, "field") == 0)
+							member = MEMBER_ERROR_FIELD;
+					}
+					else if (strcmp(str.data, "userID") == 0)
+						member = MEMBER_DATA_USER_ID;
+					else if (strcmp(str.data, "ticket") == 0)
+						member = MEMBER_DATA_TICKET;
+					continue;
+				}
+				/* a string value */
+				if (member != MEMBER_NONE)
+				{
+					if (!decode_json_string(tok_start, tok_end, &str))
+					{
+						undecodable = true;
+						break;
+					}
+					st->values[member] = pstrdup(str.data);
+				}
+				member = MEMBER_NONE;
+				continue;
+			case JSON_TOKEN_NUMBER:
+				if (member != MEMBER_NONE)
+					st->values[member] = pnstrdup(tok_start,
+												  tok_end - tok_start);
+				member = MEMBER_NONE;
+				continue;
+			default:			/* true, false, null */
+				if (member != MEMBER_NONE)
+					st->values[member] = NULL;
+				member = MEMBER_NONE;
+				continue;
+		}
+		break;
+	}
+#if PG_VERSION_NUM >= 170000
+	freeJsonLexContext(lex);
+#endif
+	pfree(str.data);
+	if (undecodable)
+	{
+		*why = "response body is not valid JSON";
+		return false;
+	}
 	return true;
+}
+
+/*
+ * Convert len bytes of text from encoding src to encoding dest without ever
+ * raising an error.  Returns the converted text, or NULL when a character
+ * has no equivalent in dest (or src's bytes are not valid in src).  With
+ * replace, each character with no equivalent becomes '?' instead (src's
+ * bytes must then be valid).
+ *
+ * The conversion functions of PostgreSQL 14 and later stop at such a
+ * character when asked not to raise, and say how far they got.
+ */
+char *
+taptalk_convert_encoding(const char *text, int len, int src, int dest,
+						 bool replace)
+{
+	Oid			proc;
+	StringInfoData out;
+	unsigned char *buf;
+	int			buflen = CONVERSION_CHUNK * MAX_CONVERSION_GROWTH + 1;
+	bool		ascii = true;
+
+	if (src == dest)
+		return pnstrdup(text, len);
+
+	/* every server encoding extends ASCII */
+	for (int i = 0; i < len; i++)
+	{
+		if (IS_HIGHBIT_SET(text[i]))
+		{
+			ascii = false;
+			break;
+		}
+	}
+	if (ascii)
+		return pnstrdup(text, len);
+
+	/* SQL_ASCII holds any bytes; only a UTF-8 destination needs a check */
+	if (src == PG_SQL_ASCII || dest == PG_SQL_ASCII)
+	{
+		if (dest == PG_UTF8 && !pg_verify_mbstr(PG_UTF8, text, len, true))
+			return NULL;
+		return pnstrdup(text, len);
+	}
+
+	proc = FindDefaultConversionProc(src, dest);
+	if (!OidIsValid(proc))
+		return NULL;
+
+	initStringInfo(&out);
+	buf = palloc(buflen);
+	while (len > 0)
+	{
+		int			chunk = len;
+		int			done;
+
+		if (chunk > CONVERSION_CHUNK)
+			chunk = pg_encoding_mbcliplen(src, text, len, CONVERSION_CHUNK);
+		done = pg_do_encoding_conversion_buf(proc, src, dest,
+											 (unsigned char *) text, chunk,
+											 buf, buflen, true);
+		appendStringInfoString(&out, (char *) buf);
+		text += done;
+		len -= done;
+		if (done < chunk)
+		{
+			/* text is at a character with no equivalent, or invalid */
+			int			skip;
+
+			if (!replace)
+			{
+				pfree(buf);
+				pfree(out.data);
+				return NULL;
+			}
+			skip = pg_encoding_mblen(src, text);
+			if (skip > len)
+				skip = len;
+			appendStringInfoChar(&out, '?');
+			text += skip;
+			len -= skip;
+		}
+	}
+	pfree(buf);
+	return out.data;
+}
+
+/*
+ * A returned value in the database encoding; false when it has a character
+ * the database encoding cannot represent.
+ */
+static bool
+to_database_encoding(char **value)
+{
+	char	   *converted;
+
+	if (*value == NULL)
+		return true;
+	converted = taptalk_convert_encoding(*value, strlen(*value), PG_UTF8,
+										 GetDatabaseEncoding(), false);
+	if (converted == NULL)
+		return false;
+	*value = converted;
+	return true;
+}
+
+/* The INVALID_RESPONSE for a member the database cannot represent. */
+static void
+set_unrepresentable(TaptalkResult *result, EnvelopeMember member)
+{
+	taptalk_set_error(result, TAPTALK_CODE_INVALID_RESPONSE, NULL,
+					  psprintf("response %s has a character with no equivalent in encoding \"%s\"",
+							   member_names[member],
+							   GetDatabaseEncodingName()));
 }
 
 /* Set the error columns of a result (the others NULL). */
@@ -287,10 +535,30 @@ taptalk_map_response(long http_status, const char *body, size_t len,
 	if (code != NULL && code[0] != '\0')
 	{
 		char	   *field = st.values[MEMBER_ERROR_FIELD];
+		char	   *message = st.values[MEMBER_ERROR_MESSAGE];
 
-		taptalk_set_error(result, code,
-						  (field != NULL && field[0] != '\0') ? field : NULL,
-						  st.values[MEMBER_ERROR_MESSAGE]);
+		if (field != NULL && field[0] == '\0')
+			field = NULL;
+
+		/*
+		 * The code and the field must be exact.  The message is for people:
+		 * a character the database cannot represent becomes '?'.
+		 */
+		if (!to_database_encoding(&code))
+		{
+			set_unrepresentable(result, MEMBER_ERROR_CODE);
+			return;
+		}
+		if (!to_database_encoding(&field))
+		{
+			set_unrepresentable(result, MEMBER_ERROR_FIELD);
+			return;
+		}
+		if (message != NULL)
+			message = taptalk_convert_encoding(message, strlen(message),
+											   PG_UTF8, GetDatabaseEncoding(),
+											   true);
+		taptalk_set_error(result, code, field, message);
 		return;
 	}
 
@@ -320,6 +588,17 @@ taptalk_map_response(long http_status, const char *body, size_t len,
 	{
 		taptalk_set_error(result, TAPTALK_CODE_INVALID_RESPONSE, NULL,
 						  "response has no data.userID");
+		return;
+	}
+
+	if (!to_database_encoding(&st.values[MEMBER_DATA_USER_ID]))
+	{
+		set_unrepresentable(result, MEMBER_DATA_USER_ID);
+		return;
+	}
+	if (!to_database_encoding(&st.values[MEMBER_DATA_TICKET]))
+	{
+		set_unrepresentable(result, MEMBER_DATA_TICKET);
 		return;
 	}
 

@@ -72,6 +72,8 @@ extern void taptalk_map_response(long http_status, const char *body,
 								 size_t len, TaptalkResult *result);
 extern void taptalk_set_error(TaptalkResult *result, const char *code,
 							  const char *field, const char *message);
+extern char *taptalk_convert_encoding(const char *text, int len, int src,
+									  int dest, bool replace);
 
 /* transport.c */
 

@@ -649,6 +649,53 @@ def run_checks(port, port2, tls_port, cert, log, tmp):
     r = post(port, user("fault-envelope-field"))
     check("fault-envelope-field", r.status == 400 and r.body ==
           env_bytes(400, "40002", "Param 'email' is invalid", "107"), r)
+    x = "fault-unicode-note-raw-4e2d"
+    r = post(port, user(x))
+    check("fault-unicode-note-raw: raw UTF-8 in ignored members",
+          r.status == 200 and r.body ==
+          b'{"status":200,"note":"\xe4\xb8\xad","error":{"code":"",'
+          b'"message":"","field":""},"data":{"userID":"tt-' + x.encode()
+          + b'","ticket":"ticket-' + x.encode() + b'","note":"\xe4\xb8\xad"}}',
+          r)
+    r = post(port, user("fault-unicode-userid-esc-1f600"))
+    check("fault-unicode-userid-esc: surrogate pair escape in userID",
+          r.status == 200 and b'"userID":"tt-\\ud83d\\ude00"' in r.body
+          and json.loads(r.body)["data"]["userID"] == "tt-\U0001F600", r)
+    r = post(port, user("fault-unicode-ticket-raw-e9"))
+    check("fault-unicode-ticket-raw: raw UTF-8 in ticket",
+          r.status == 200 and b'"ticket":"ticket-\xc3\xa9"' in r.body, r)
+    r = post(port, user("fault-unicode-code-esc-e9"))
+    check("fault-unicode-code-esc: escape in error.code", r.status == 400
+          and r.body == env_bytes(400, "4000\u00e9",
+                                  "Param 'fullName' is invalid", "106"), r)
+    r = post(port, user("fault-unicode-field-raw-4e2d"))
+    check("fault-unicode-field-raw: raw UTF-8 in error.field",
+          r.status == 400 and b'"field":"10\xe4\xb8\xad"' in r.body, r)
+    r = post(port, user("fault-unicode-message-esc-4e2d"))
+    check("fault-unicode-message-esc: escape in error.message",
+          r.status == 400 and r.body == env_bytes(
+              400, "40002", "Param 'fullName' has \u4e2d", "106"), r)
+    for bad in ("fault-unicode-note-raw-d800", "fault-unicode-note-raw-0",
+                "fault-unicode-note-raw-4E2D", "fault-unicode-x-raw-41",
+                "fault-unicode-note-utf16-41"):
+        r = post(port, user(bad))
+        check("%s -> normal success" % bad, r.status == 200 and r.body ==
+              success_bytes(bad), r)
+    r = post(port, user("fault-escapes-all"))
+    check("fault-escapes-all", r.status == 200 and json.loads(r.body)["data"]
+          == {"userID": 'a"b\\c/d\b\f\n\r\te\u00e9\U0001F600',
+              "ticket": "ticket-escapes"}
+          and b'"\\u0075serID"' in r.body and b"\\uD83D\\ude00" in r.body, r)
+    for case, needle in (("lone", b'"tt-\\ud800"'),
+                         ("unpaired", b'"tt-\\ud800\\u0041"'),
+                         ("low", b'"tt-\\udc00\\ud800"'),
+                         ("nul", b'"a\\u0000b"'),
+                         ("ignored", b'"note":"\\ud800 \\udc00\\ud800 \\u0000"')):
+        r = post(port, user("fault-escapes-" + case))
+        check("fault-escapes-" + case, r.status == 200 and needle in r.body, r)
+    r = post(port, user("fault-escapes-other"))
+    check("fault-escapes-other -> normal success", r.status == 200 and
+          r.body == success_bytes("fault-escapes-other"), r)
     r = post(port, user("fault-whatever"))
     check("unknown fault-... -> success", r.status == 200 and r.body ==
           success_bytes("fault-whatever"), r)

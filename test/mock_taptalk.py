@@ -126,6 +126,41 @@ API contract
      fault-flakyreset-<n>-<token>  same, but the first n are TCP RSTs
      fault-envelope-field       400 envelope "40002" "Param 'email' is
                                 invalid" field "107"
+     fault-unicode-<place>-<form>-<hex>
+                                the character U+<hex> (1 to 6 lower-case
+                                hex digits; not NUL, not a surrogate) in one
+                                place of the answer, written as UTF-8 (form
+                                raw) or as a \\uXXXX escape, a surrogate pair
+                                above U+FFFF (form esc).  <place>:
+                                  note     success, plus "note":"<c>" in the
+                                           root and in data (ignored members)
+                                  userid   success with userID "tt-<c>"
+                                  ticket   success with ticket "ticket-<c>"
+                                  code     400 envelope, code "4000<c>",
+                                           message "Param 'fullName' is
+                                           invalid", field "106"
+                                  field    400 envelope "40002", that
+                                           message, field "10<c>"
+                                  message  400 envelope "40002", message
+                                           "Param 'fullName' has <c>",
+                                           field "106"
+                                any other place, form or code point answers
+                                the normal success
+     fault-escapes-<case>       200 envelope written with JSON escapes:
+                                  all      data's key "\\u0075serID" (userID)
+                                           with "a\\"b\\\\c\\/d\\b\\f\\n\\r\\te" and
+                                           "\\u00E9\\uD83D\\ude00" (upper and lower
+                                           case hex), ticket "ticket-escapes"
+                                  lone     userID "tt-\\ud800" (a lone high
+                                           surrogate)
+                                  unpaired userID "tt-\\ud800\\u0041" (a high
+                                           surrogate, then no low one)
+                                  low      userID "tt-\\udc00\\ud800" (low
+                                           before high)
+                                  nul      ticket "a\\u0000b"
+                                  ignored  all three in a member "note" of
+                                           data, userID and ticket plain
+                                any other case answers the normal success
      any other fault-...        normal success
 6. Success: 200 application/json
      {"status":200,"error":{"code":"","message":"","field":""},
@@ -229,6 +264,73 @@ def envelope(status, code, message, field, data=None):
 def success_body(x):
     return envelope(200, "", "", "",
                     {"userID": "tt-" + x, "ticket": "ticket-" + x})
+
+
+UNICODE_FORMS = ("raw", "esc")
+
+
+def unicode_answer(x, spec):
+    """(status, body) of fault-unicode-<spec>, or None when spec is not
+    <place>-<form>-<hex> with a known place and form and a character."""
+    parts = spec.split("-")
+    if len(parts) != 3 or parts[1] not in UNICODE_FORMS:
+        return None
+    place, form, hexcp = parts
+    if not (1 <= len(hexcp) <= 6 and
+            all(c in "0123456789abcdef" for c in hexcp)):
+        return None
+    cp = int(hexcp, 16)
+    if cp == 0 or cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF:
+        return None
+    c = chr(cp)
+    invalid = "Param 'fullName' is invalid"
+    if place == "note":
+        status = 200
+        obj = {"status": 200, "note": c,
+               "error": {"code": "", "message": "", "field": ""},
+               "data": {"userID": "tt-" + x, "ticket": "ticket-" + x,
+                        "note": c}}
+    elif place in ("userid", "ticket"):
+        status = 200
+        obj = {"status": 200,
+               "error": {"code": "", "message": "", "field": ""},
+               "data": {"userID": "tt-" + (c if place == "userid" else x),
+                        "ticket": "ticket-" + (c if place == "ticket"
+                                               else x)}}
+    elif place in ("code", "field", "message"):
+        status = 400
+        obj = {"status": 400,
+               "error": {"code": "4000" + c if place == "code" else "40002",
+                         "message": ("Param 'fullName' has " + c
+                                     if place == "message" else invalid),
+                         "field": "10" + c if place == "field" else "106"},
+               "data": {}}
+    else:
+        return None
+    # everything else in the answer is ASCII, so ensure_ascii escapes
+    # exactly the one character
+    body = json.dumps(obj, separators=(",", ":"),
+                      ensure_ascii=(form == "esc")).encode("utf-8")
+    return status, body
+
+
+ESCAPES_OK = b'"error":{"code":"","message":"","field":""}'
+ESCAPE_BODIES = {
+    "all": b'{"status":200,' + ESCAPES_OK + b',"data":{"\\u0075serID":'
+           b'"a\\"b\\\\c\\/d\\b\\f\\n\\r\\te\\u00E9\\uD83D\\ude00",'
+           b'"ticket":"ticket-escapes"}}',
+    "lone": b'{"status":200,' + ESCAPES_OK + b',"data":{"userID":'
+            b'"tt-\\ud800","ticket":"ticket-lone"}}',
+    "unpaired": b'{"status":200,' + ESCAPES_OK + b',"data":{"userID":'
+                b'"tt-\\ud800\\u0041","ticket":"ticket-unpaired"}}',
+    "low": b'{"status":200,' + ESCAPES_OK + b',"data":{"userID":'
+           b'"tt-\\udc00\\ud800","ticket":"ticket-low"}}',
+    "nul": b'{"status":200,' + ESCAPES_OK + b',"data":{"userID":'
+           b'"tt-nul","ticket":"a\\u0000b"}}',
+    "ignored": b'{"status":200,' + ESCAPES_OK + b',"data":{"note":'
+               b'"\\ud800 \\udc00\\ud800 \\u0000","userID":"tt-ignored",'
+               b'"ticket":"ticket-ignored"}}',
+}
 
 
 class State:
@@ -765,6 +867,12 @@ class Connection:
         elif f == "envelope-field":
             return self.env_error(req, 400, "40002",
                                   "Param 'email' is invalid", "107")
+        elif f.startswith("escapes-") and f[8:] in ESCAPE_BODIES:
+            return self.json_resp(req, 200, ESCAPE_BODIES[f[8:]])
+        elif f.startswith("unicode-"):
+            answer = unicode_answer(x, f[len("unicode-"):])
+            if answer is not None:
+                return self.json_resp(req, answer[0], answer[1])
         return self.json_resp(req, 200, success_body(x))
 
     def huge(self, req, mib, chunked=False, status=200):
