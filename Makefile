@@ -20,7 +20,7 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 # The two commands of the README; both do their own set-up.
-.PHONY: demo test bench soak
+.PHONY: demo test bench soak dist
 demo:
 	./scripts/demo
 
@@ -32,3 +32,13 @@ bench:
 
 soak:
 	./scripts/soak
+
+# The release archive taptalk-VERSION.zip (VERSION from META.json), made by
+# git archive from the last commit: uncommitted changes are not in it.
+dist:
+	./scripts/check-meta
+	@version=$$(python3 -c 'import json; print(json.load(open("META.json"))["version"])') && \
+	if [ -n "$$(git status --porcelain)" ]; then \
+		echo "warning: uncommitted changes are not in the archive" >&2; fi && \
+	git archive --format=zip --prefix=taptalk-$$version/ -o taptalk-$$version.zip HEAD && \
+	echo "taptalk-$$version.zip"

@@ -27,7 +27,14 @@
 
 #include "taptalk.h"
 
+#if PG_VERSION_NUM >= 180000
+PG_MODULE_MAGIC_EXT(
+					.name = "taptalk",
+					.version = TAPTALK_VERSION
+);
+#else
 PG_MODULE_MAGIC;
+#endif
 
 void		_PG_init(void);
 

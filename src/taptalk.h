@@ -21,6 +21,13 @@
 
 #define TAPTALK_VERSION "1.0"
 
+/* pg_b64_encode's source is const uint8 * from PostgreSQL 18 on */
+#if PG_VERSION_NUM >= 180000
+#define TAPTALK_B64_SRC(p) ((const uint8 *) (p))
+#else
+#define TAPTALK_B64_SRC(p) (p)
+#endif
+
 /* path of the Request Auth Ticket endpoint, appended to taptalk.base_url */
 #define TAPTALK_AUTH_TICKET_PATH "/v1/server/auth_ticket/request"
 

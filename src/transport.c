@@ -682,7 +682,7 @@ build_headers(void)
 	pair_len = strlen(pair);
 	header = palloc(prefix + pg_b64_enc_len(pair_len) + 1);
 	memcpy(header, "Server-Key: ", prefix);
-	enc_len = pg_b64_encode(pair, pair_len, header + prefix,
+	enc_len = pg_b64_encode(TAPTALK_B64_SRC(pair), pair_len, header + prefix,
 							pg_b64_enc_len(pair_len));
 	explicit_bzero(pair, pair_len);
 	pfree(pair);
