@@ -25,7 +25,7 @@ else
 }
 
 my $mock = TaptalkTest::Mock->start(tls => 1, second_port => 1);
-my $node = TaptalkTest::node('regress', mock => $mock, extension => 0);
+my $node = TaptalkTest::node('regress', mock => $mock);
 TaptalkTest::run_regress($node, 'init', @tests);
 
 $node->stop;

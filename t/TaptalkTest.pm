@@ -65,9 +65,11 @@ our $KEY_SECRET = 'test-key-secret-Zq8X';
 our $PYTHON = $ENV{PYTHON} || 'python3';
 
 # PostgreSQL::Test::Cluster runs $ENV{PG_REGRESS} in init(); make installcheck
-# sets it, a plain "prove" may not.
+# sets it, a plain "prove" may not.  The nodes' superuser is postgres, as the
+# expected output of the sql files says, whoever runs the tests.
 BEGIN
 {
+	$ENV{PGUSER} = 'postgres';
 	if (!$ENV{PG_REGRESS})
 	{
 		my $pg_config = $ENV{PG_CONFIG} || 'pg_config';
@@ -86,7 +88,8 @@ BEGIN
 
 =item TaptalkTest::node($name, %opts)
 
-A new PostgreSQL::Test::Cluster node: initdb (UTF8, C.UTF-8), then in
+A new PostgreSQL::Test::Cluster node: initdb (superuser postgres, which
+this module makes the default user with PGUSER; UTF8, C.UTF-8), then in
 postgresql.conf C<shared_preload_libraries = 'taptalk'> (unless
 C<< preload => 0 >>), C<max_connections = 60>, and with C<< mock => $mock >>
 the settings that point at it: C<taptalk.base_url> (the mock's first port),
@@ -107,7 +110,8 @@ sub node
 	my $preload = $opts{preload} // 1;
 
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init(extra => [ '--encoding=UTF8', '--locale=C.UTF-8' ]);
+	$node->init(
+		extra => [ '--username=postgres', '--encoding=UTF8', '--locale=C.UTF-8' ]);
 
 	my @conf = ('', '# taptalk', 'max_connections = 60');
 	push @conf, "shared_preload_libraries = 'taptalk'" if $preload;
@@ -220,6 +224,32 @@ sub run_regress
 		? slurp_file("$outdir/regression.diffs")
 		: "(no $outdir/regression.diffs)");
 	return $ok;
+}
+
+=pod
+
+=item TaptalkTest::psql_out_err($node, $sql, %params)
+
+Runs C<$sql> with C<< $node->psql >> in database C<postgres> (or
+C<< dbname => >>), other C<%params> passed on (C<on_error_stop> defaults to
+0 here), and returns its standard output and its standard error, the
+latter without psql's C<< psql:<stdin>:N: >> prefixes, so that an error
+reads as a client shows it (C<ERROR:  ...>, C<HINT:  ...>).
+
+=cut
+
+sub psql_out_err
+{
+	my ($node, $sql, %params) = @_;
+	my $dbname = delete $params{dbname} // 'postgres';
+	my ($out, $err) = ('', '');
+	$node->psql($dbname, $sql,
+		on_error_stop => 0,
+		%params,
+		stdout => \$out,
+		stderr => \$err);
+	$err =~ s/^psql:<stdin>:\d+: //mg;
+	return ($out, $err);
 }
 
 =pod
