@@ -175,6 +175,37 @@ $$;
 
 =pod
 
+=item TaptalkTest::create_memory_functions($node [, $dbname])
+
+Creates C<backend_memory()>, this backend's VmRSS, VmHWM (peak) and RssAnon
+in kB (columns C<rss_kb>, C<hwm_kb>, C<anon_kb>) read from
+/proc/self/status, and C<backend_memory_reset_peak()>, which sets VmHWM
+back to VmRSS through /proc/self/clear_refs (superuser only).
+
+=cut
+
+sub create_memory_functions
+{
+	my ($node, $dbname) = @_;
+	$node->safe_psql($dbname // 'postgres', q{
+CREATE OR REPLACE FUNCTION backend_memory(OUT rss_kb bigint, OUT hwm_kb bigint, OUT anon_kb bigint)
+LANGUAGE sql VOLATILE AS $$
+	SELECT (regexp_match(s, 'VmRSS:\s+(\d+)'))[1]::bigint,
+		   (regexp_match(s, 'VmHWM:\s+(\d+)'))[1]::bigint,
+		   (regexp_match(s, 'RssAnon:\s+(\d+)'))[1]::bigint
+	FROM pg_read_file('/proc/self/status') AS s
+$$;
+CREATE OR REPLACE FUNCTION backend_memory_reset_peak() RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+	EXECUTE $c$COPY (SELECT 5) TO '/proc/self/clear_refs'$c$;
+END $$;
+});
+	return;
+}
+
+=pod
+
 =item TaptalkTest::run_regress($node, [\%opts,] @tests)
 
 Runs pg_regress (C<$ENV{PG_REGRESS}>) for sql/I<test>.sql of the
@@ -522,13 +553,21 @@ The current end of the mock's log (a byte offset) for log_entries and count.
 The log's lines after C<$mark> (default: all), decoded from JSON: hashes with
 C<event> (C<connection> or C<request>), C<port>, C<conn>, and for requests
 C<seq>, C<method>, C<path>, C<headers> ([[name, value], ...]), C<body>,
-C<body_b64>, C<body_is_json>.
+C<body_b64>, C<body_is_json>.  (JSON::PP is slow on megabyte bodies: for
+large logs use count or scan_log.)
+
+=item $mock->scan_log($mark, sub { my ($line) = @_; ... })
+
+Calls the function for each line logged after C<$mark>, undecoded (one
+compact JSON object, ASCII only, as the mock writes it), reading the file a
+line at a time.
 
 =item $mock->count($mark, $event [, $port [, $pattern]])
 
 How many C<$event> lines were logged after C<$mark>, on C<$port> when given
-(undef: any port), and, when C<$pattern> (a regex) is given, whose body
-matches it.
+(undef: any port), and, when C<$pattern> (a regex) is given, whose line
+matches it (the line as logged: JSON, the body an escaped string; use
+patterns without quotes or backslashes, such as an xcUserID).
 
 =back
 
@@ -540,22 +579,47 @@ sub log_mark
 	return -s $self->{log_file} // 0;
 }
 
+sub scan_log
+{
+	my ($self, $mark, $callback) = @_;
+	open(my $fh, '<', $self->{log_file})
+	  or croak "could not open $self->{log_file}: $!";
+	seek($fh, $mark // 0, 0) or croak "could not seek: $!";
+	while (my $line = <$fh>)
+	{
+		chomp $line;
+		$callback->($line) if $line ne '';
+	}
+	close $fh;
+	return;
+}
+
 sub log_entries
 {
 	my ($self, $mark) = @_;
-	my $text = slurp_file($self->{log_file}, $mark // 0);
-	my $json = JSON::PP->new;
-	return map { $json->decode($_) } grep { $_ ne '' } split /\n/, $text;
+	my $json = JSON::PP->new->max_depth(1_000_000);
+	my @entries;
+	$self->scan_log($mark, sub { push @entries, $json->decode($_[0]) });
+	return @entries;
 }
 
 sub count
 {
 	my ($self, $mark, $event, $port, $pattern) = @_;
-	return scalar grep {
-		     $_->{event} eq $event
-		  && (!defined $port || $_->{port} == $port)
-		  && (!defined $pattern || ($_->{body} // '') =~ $pattern)
-	} $self->log_entries($mark);
+	my $n = 0;
+	$self->scan_log(
+		$mark,
+		sub {
+			my ($line) = @_;
+			# the mock writes "event" and "port" first
+			$line =~ /^\{"event":"(\w+)","port":(\d+),/
+			  or croak "unexpected line in the mock's log: " . substr($line, 0, 200);
+			$n++
+			  if $1 eq $event
+			  && (!defined $port || $2 == $port)
+			  && (!defined $pattern || $line =~ $pattern);
+		});
+	return $n;
 }
 
 =pod
