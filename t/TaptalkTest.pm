@@ -48,6 +48,7 @@ use warnings;
 use Carp;
 use Cwd qw(abs_path);
 use File::Basename qw(dirname);
+use File::Copy ();
 use File::Path qw(make_path);
 use IPC::Run;
 use PostgreSQL::Test::Cluster;
@@ -101,6 +102,10 @@ C<CREATE EXTENSION taptalk> runs in database C<postgres> (unless
 C<< extension => 0 >>); with C<< helpers => 1 >>, create_helpers() runs too.
 Returns the started node.
 
+With C<TAPTALK_VALGRIND=DIR> in the environment (scripts/valgrind), the
+server runs under valgrind memcheck, one log per process in DIR: see
+valgrind_install().
+
 =cut
 
 sub node
@@ -109,7 +114,8 @@ sub node
 	my $mock    = $opts{mock};
 	my $preload = $opts{preload} // 1;
 
-	my $node = PostgreSQL::Test::Cluster->new($name);
+	my $node = PostgreSQL::Test::Cluster->new($name,
+		$ENV{TAPTALK_VALGRIND} ? (install_path => valgrind_install()) : ());
 	$node->init(
 		extra => [ '--username=postgres', '--encoding=UTF8', '--locale=C.UTF-8' ]);
 
@@ -139,6 +145,66 @@ sub node
 	  if $opts{extension} // 1;
 	create_helpers($node) if $opts{helpers};
 	return $node;
+}
+
+=pod
+
+=item TaptalkTest::valgrind_install()
+
+An installation directory for PostgreSQL::Test::Cluster's C<install_path>
+whose bin/ holds the programs of C<pg_config --bindir> (symbolic links, which
+PostgreSQL resolves, so initdb and the others find their real files), a
+copy of pg_ctl (which looks for postgres next to itself) and, as postgres, a
+script that runs the real postgres under valgrind memcheck: every process
+of the server (each backend is a fork of the postmaster) writes
+C<$ENV{TAPTALK_VALGRIND}/PID.log>, with definite leaks reported when it
+exits; test/valgrind.supp hides PostgreSQL's known noise.  Made once per
+test file.
+
+=cut
+
+my $valgrind_dir;
+
+sub valgrind_install
+{
+	return $valgrind_dir if $valgrind_dir;
+	my $logdir = abs_path($ENV{TAPTALK_VALGRIND})
+	  or croak "TAPTALK_VALGRIND: no such directory: $ENV{TAPTALK_VALGRIND}";
+	my $pg_config = $ENV{PG_CONFIG} || 'pg_config';
+	my $bindir = `$pg_config --bindir`;
+	chomp $bindir;
+	croak "could not run $pg_config" unless $bindir;
+	my $dir = abs_path(PostgreSQL::Test::Utils::tempdir('valgrind_install'));
+	mkdir "$dir/bin" or croak "mkdir $dir/bin: $!";
+	opendir(my $dh, $bindir) or croak "could not read $bindir: $!";
+	for my $prog (grep { -f "$bindir/$_" && -x _ } readdir $dh)
+	{
+		next if $prog eq 'postgres';
+		if ($prog eq 'pg_ctl')
+		{
+			File::Copy::copy("$bindir/$prog", "$dir/bin/$prog")
+			  or croak "copy $prog: $!";
+			chmod 0755, "$dir/bin/$prog";
+		}
+		else
+		{
+			symlink("$bindir/$prog", "$dir/bin/$prog")
+			  or croak "symlink $prog: $!";
+		}
+	}
+	closedir $dh;
+	append_to_file(
+		"$dir/bin/postgres", qq{#!/bin/sh
+exec valgrind --quiet --tool=memcheck --trace-children=yes \\
+	--leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \\
+	--num-callers=40 --read-var-info=no --track-origins=no \\
+	--suppressions=$ROOT/test/valgrind.supp --gen-suppressions=all \\
+	--log-file=$logdir/%p.log \\
+	$bindir/postgres "\$@"
+});
+	chmod 0755, "$dir/bin/postgres";
+	$valgrind_dir = $dir;
+	return $dir;
 }
 
 =pod
