@@ -491,7 +491,10 @@ sub _launch
 	  '--key-id', $TaptalkTest::KEY_ID, '--key-secret', $TaptalkTest::KEY_SECRET,
 	  '--log', $self->{log_file}, '--exit-on-eof', @{ $self->{args} };
 
-	my $out = "$dir/mock.out";
+	# a new file for each start, so that a restart never reads the ready
+	# line of the mock before
+	my $out = "$dir/mock" . ($self->{starts}++ ? "-$self->{starts}" : '') . '.out';
+	unlink $out;
 	pipe(my $stdin_r, my $stdin_w) or die "pipe: $!";
 	my $pid = fork;
 	die "fork: $!" unless defined $pid;
