@@ -92,7 +92,7 @@ TaptalkTest::no_crash($node, $log_mark, 'hostile server');
 
 # what => [codes, messages, ms, rss growth, peak growth, rss after]
 my %result;
-for my $line (split /\n/, $out)
+for my $line (grep { /\|/ } split /\n/, $out)    # not the void calls' lines
 {
 	my ($what, @f) = split /\|/, $line, -1;
 	$result{$what} //= \@f;
