@@ -6,8 +6,17 @@ OBJS = src/taptalk.o src/request.o src/response.o src/transport.o
 EXTENSION = taptalk
 DATA = taptalk--1.0.sql
 
-REGRESS = init validation request response encoding faults cancel privileges trigger batch reuse protocols
-REGRESS_OPTS = --inputdir=.
+# The tests need the mock TapTalk server and a cluster with taptalk preloaded
+# and pointed at it, so they run as TAP tests (t/*.pl), which start both:
+# t/001_regress.pl runs sql/*.sql through pg_regress, the others are the
+# multi-session, restart, load and timing tests.  REGRESS stays empty so that
+# "make installcheck" does not also run sql/*.sql against the running server.
+#   make installcheck                                  everything
+#   make installcheck PROVE_TESTS=t/010_tls.pl         one TAP test
+#   make installcheck PROVE_TESTS=t/001_regress.pl TAPTALK_REGRESS=batch
+#                                                      one sql file (after init)
+TAP_TESTS = 1
+export TAPTALK_REGRESS
 
 CURL_CONFIG ?= curl-config
 PG_CPPFLAGS = -I$(srcdir)/src $(shell $(CURL_CONFIG) --cflags) -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers

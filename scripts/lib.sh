@@ -179,3 +179,28 @@ stop_services() {
 psql_q() {
 	"$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 "$@"
 }
+
+# run_installcheck [make arguments...]: make installcheck, which runs the TAP
+# tests in t/ (each starts its own cluster and mock server; t/001_regress.pl
+# runs sql/*.sql).  PostgreSQL's servers do not run as root: as root, the
+# tests run as postgres on a copy of the checkout, removed when they pass and
+# kept (with tmp_check/log) when they fail, unless KEEP_FAILED_CHECK=0.
+run_installcheck() {
+	if [ "$(id -u)" != 0 ]; then
+		make -C "$ROOT" -s PG_CONFIG="$PG_CONFIG" installcheck "$@"
+		return
+	fi
+	local dir rc=0
+	dir=$(mktemp -d /tmp/taptalk-check.XXXXXX)
+	tar -C "$ROOT" --exclude=./.git --exclude=./tmp_check --exclude=./results -cf - . |
+		tar -C "$dir" -xf -
+	chown -R postgres "$dir"
+	runuser -u postgres -- env HOME="$dir" \
+		make -C "$dir" -s PG_CONFIG="$PG_CONFIG" installcheck "$@" || rc=$?
+	if [ "$rc" = 0 ] || [ "${KEEP_FAILED_CHECK:-1}" = 0 ]; then
+		rm -rf "$dir"
+	else
+		echo "== the tests' logs: $dir/tmp_check/log"
+	fi
+	return "$rc"
+}

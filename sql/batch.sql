@@ -51,44 +51,15 @@ SELECT count(*) AS rows,
 	   count(*) FILTER (WHERE r.error_code = '40002' AND r.error_field = '103') AS bad_platform
 FROM u, taptalk_auth_tickets(u.reqs) r;
 
--- statement_timeout stops the whole batch within a second
-CREATE FUNCTION batch_timed_out_after(requests jsonb[]) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-	started timestamptz := clock_timestamp();
+-- statement_timeout stops the whole batch (how soon: t/002_timing.pl)
+CREATE FUNCTION batch_timed_out(requests jsonb[]) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
 	PERFORM count(*) FROM taptalk_auth_tickets(requests);
 	RETURN 'not cancelled';
 EXCEPTION WHEN query_canceled THEN
-	RETURN format('%s: %s, within 1s: %s', SQLSTATE, SQLERRM,
-				  clock_timestamp() - started < interval '1 second');
+	RETURN format('%s: %s', SQLSTATE, SQLERRM);
 END $$;
 SET statement_timeout = '400ms';
-SELECT batch_timed_out_after(ARRAY(SELECT req('fault-slow-5000') FROM generate_series(1, 50)));
+SELECT batch_timed_out(ARRAY(SELECT req('fault-slow-5000') FROM generate_series(1, 50)));
 RESET statement_timeout;
 SELECT count(user_id) FROM taptalk_auth_tickets(ARRAY(SELECT req('after-' || i) FROM generate_series(1, 5) i));
-
--- concurrency pays: 1,000 requests to a server that takes 50 ms each, at the
--- default max_concurrency of 16, against the sequential path in the same run.
--- Sequential calls need 1,000 x 50 ms; the batch must take under 9% of that
--- (4.5 s of 50 s).
-SELECT format('http://127.0.0.1:%s/delay/50', current_setting('mock.port')) AS url \gset
-SET taptalk.base_url = :'url';
-CREATE TEMP TABLE timing (what text, ms float8, n int);
-DO $$
-DECLARE
-	t timestamptz;
-	r record;
-BEGIN
-	t := clock_timestamp();
-	FOR i IN 1..20 LOOP
-		r := taptalk_auth_ticket(req('seq-' || i));
-	END LOOP;
-	INSERT INTO timing VALUES ('sequential', extract(epoch FROM clock_timestamp() - t) * 1000, 20);
-	t := clock_timestamp();
-	PERFORM count(*) FROM taptalk_auth_tickets(ARRAY(SELECT req('par-' || i) FROM generate_series(1, 1000) i));
-	INSERT INTO timing VALUES ('batch', extract(epoch FROM clock_timestamp() - t) * 1000, 1000);
-END $$;
-RESET taptalk.base_url;
-SELECT (SELECT ms / n FROM timing WHERE what = 'sequential') >= 50 AS sequential_waits_50ms,
-	   (SELECT ms FROM timing WHERE what = 'batch') <
-	   0.09 * 1000 * (SELECT ms / n FROM timing WHERE what = 'sequential') AS batch_under_9pct;

@@ -1,22 +1,20 @@
 --
--- cancel: query cancel and statement_timeout stop a request in flight within
--- a second, with PostgreSQL's own error (57014), and the session stays usable.
+-- cancel: query cancel and statement_timeout stop a request in flight, with
+-- PostgreSQL's own error (57014), and the session stays usable.  (How soon
+-- they stop it is measured in t/002_timing.pl.)
 --
 
--- statement_timeout, timed inside one statement
-CREATE FUNCTION timed_out_after(request jsonb) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-	started timestamptz := clock_timestamp();
+-- statement_timeout, caught inside one statement
+CREATE FUNCTION timed_out(request jsonb) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
 	PERFORM taptalk_auth_ticket(request);
 	RETURN 'not cancelled';
 EXCEPTION WHEN query_canceled THEN
-	RETURN format('%s: %s, within 1s: %s', SQLSTATE, SQLERRM,
-				  clock_timestamp() - started < interval '1 second');
+	RETURN format('%s: %s', SQLSTATE, SQLERRM);
 END $$;
 
 SET statement_timeout = '300ms';
-SELECT timed_out_after(req('fault-slow-5000'));
+SELECT timed_out(req('fault-slow-5000'));
 -- the plain error, as a client sees it
 SELECT * FROM taptalk_auth_ticket(req('fault-slow-5000'));
 \echo SQLSTATE :SQLSTATE
@@ -42,11 +40,9 @@ BEGIN
 	END LOOP;
 	PERFORM pg_sleep(0.2);
 END $$;
-SELECT clock_timestamp() AS cancelled_at \gset
 SELECT pg_cancel_backend(:victim_pid);
 -- dblink reports the remote error as a local one
 SELECT * FROM dblink_get_result('victim') AS t(user_id text, ticket text, error_code text, error_field text, error_message text);
-SELECT clock_timestamp() - :'cancelled_at'::timestamptz < interval '1 second' AS stopped_within_1s;
 -- (an async query's results are read to the end before the next query)
 SELECT * FROM dblink_get_result('victim') AS t(user_id text, ticket text, error_code text, error_field text, error_message text);
 -- the cancelled session is still usable

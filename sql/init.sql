@@ -1,7 +1,7 @@
 --
 -- init: the extension, the roles and the helpers the other tests use.
--- The cluster was started by scripts/test with taptalk preloaded and the
--- settings pointing at the mock TapTalk server (see scripts/lib.sh).
+-- The cluster was started by t/001_regress.pl with taptalk preloaded and the
+-- settings pointing at the mock TapTalk server (see TaptalkTest::node).
 --
 CREATE EXTENSION taptalk;
 CREATE EXTENSION dblink;

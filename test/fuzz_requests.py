@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Hostile request bodies for taptalk_auth_ticket (test/t/40_fuzz.sh).
+"""Hostile request bodies for taptalk_auth_ticket (t/040_fuzz.pl).
 
 Writes COUNT inputs, one per line as "ID<TAB>BASE64", where BASE64 holds the
 exact bytes of a would-be JSON text (so that invalid UTF-8 survives COPY).

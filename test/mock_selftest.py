@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Self-test for test/mock_taptalk.py (the mock TapTalk.io server).
 
-Starts the mock on free loopback ports (plain HTTP, a second plain port for
-redirects and, when the openssl command is available, a TLS port with a
-throw-away self-signed certificate) inside a temporary directory, then
-checks the API contract, every fault mode, the path prefix modes, the
-control endpoint, the JSON-lines log and the behaviour under concurrency.
+Starts the mock on loopback ports it chooses itself and reports (--port 0:
+plain HTTP, a second plain port for redirects and, when the openssl command
+is available, a TLS port with a throw-away self-signed certificate) inside a
+temporary directory, then checks the API contract, every fault mode, the
+path prefix modes, the control endpoint, the JSON-lines log and the
+behaviour under concurrency; then explicit ports and --exit-on-eof.
 
 Usage:  python3 test/mock_selftest.py [-v]
 
@@ -237,10 +238,10 @@ def still_serving(port, tag):
         return False
 
 
-def start_mock(tmp, ports, tls=None):
-    log = os.path.join(tmp, "requests.jsonl")
-    pidfile = os.path.join(tmp, "mock.pid")
-    cmd = [sys.executable, MOCK]
+def start_mock(tmp, ports, tls=None, extra=(), name="", stdin=None):
+    log = os.path.join(tmp, name + "requests.jsonl")
+    pidfile = os.path.join(tmp, name + "mock.pid")
+    cmd = [sys.executable, MOCK] + list(extra)
     for p in ports:
         cmd += ["--port", str(p)]
     if tls:
@@ -250,7 +251,8 @@ def start_mock(tmp, ports, tls=None):
             "--pidfile", pidfile]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                             stderr=None if VERBOSE else subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL if stdin is None
+                            else stdin)
     deadline = time.monotonic() + 10
     line = b""
     while time.monotonic() < deadline:
@@ -261,6 +263,56 @@ def start_mock(tmp, ports, tls=None):
         if proc.poll() is not None:
             break
     return proc, log, pidfile, line
+
+
+def ready_ports(line):
+    """The ports of a "mock ready ports=P1,P2 tls_port=P3" line:
+    ([P1, P2], P3 or None), or None when the line has another form."""
+    words = line.decode("ascii", "replace").split()
+    if words[:2] != ["mock", "ready"] or len(words) not in (3, 4) \
+            or not words[2].startswith("ports="):
+        return None
+    try:
+        plain = [int(p) for p in words[2][6:].split(",") if p]
+        tls = None
+        if len(words) == 4:
+            if not words[3].startswith("tls_port="):
+                return None
+            tls = int(words[3][9:])
+    except ValueError:
+        return None
+    return plain, tls
+
+
+def check_startup_options(tmp):
+    """Explicit ports are reported as given; --exit-on-eof ends the mock
+    when its stdin closes (a parent that died)."""
+    p1, p2 = free_port(), free_port()
+    proc, _, _, line = start_mock(tmp, [p1, p2], name="explicit-")
+    try:
+        check("explicit ports are reported on the ready line",
+              line == ("mock ready ports=%d,%d\n" % (p1, p2)).encode(), line)
+        check("explicit port serves", still_serving(p1, "explicit"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    proc, _, _, line = start_mock(tmp, [0], extra=["--exit-on-eof"],
+                                  name="eof-", stdin=subprocess.PIPE)
+    try:
+        got = ready_ports(line)
+        check("--exit-on-eof: the mock starts",
+              got is not None and len(got[0]) == 1, line)
+        proc.stdin.close()
+        try:
+            rc = proc.wait(10)
+        except subprocess.TimeoutExpired:
+            rc = None
+        check("--exit-on-eof: the mock exits (0) when stdin closes", rc == 0,
+              rc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def make_cert(tmp):
@@ -881,13 +933,20 @@ def main():
     tmp = tempfile.mkdtemp(prefix="mock-selftest-")
     proc = None
     try:
-        port, port2, tls_port = free_port(), free_port(), free_port()
+        # port 0: the system chooses, the ready line says which
         certkey = make_cert(tmp)
-        tls = (tls_port, certkey[0], certkey[1]) if certkey else None
-        proc, log, pidfile, line = start_mock(tmp, [port, port2], tls)
-        if not check("mock prints 'mock ready'", line == b"mock ready\n",
+        tls = (0, certkey[0], certkey[1]) if certkey else None
+        proc, log, pidfile, line = start_mock(tmp, [0, 0], tls)
+        got = ready_ports(line)
+        if not check("mock prints 'mock ready ports=P1,P2%s'"
+                     % (" tls_port=P3" if tls else ""),
+                     got is not None and len(got[0]) == 2
+                     and (got[1] is not None) == bool(tls)
+                     and len(set(got[0] + ([got[1]] if tls else []))) ==
+                     2 + bool(tls) and 0 not in got[0] and got[1] != 0,
                      line):
             return 1
+        (port, port2), tls_port = got
         with open(pidfile) as fh:
             pid = int(fh.read().strip())
         check("pidfile holds the mock pid", pid == proc.pid, pid)
@@ -908,6 +967,7 @@ def main():
         if proc.stderr is not None:
             err = proc.stderr.read()
             check("mock wrote nothing to stderr", not err, err[-2000:])
+        check_startup_options(tmp)
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()

@@ -18,9 +18,11 @@ Command line
                     --log /path/requests.jsonl
                     [--pidfile F] [--redirect-port P] [--host 127.0.0.1]
 
-  --port           plain HTTP port to listen on (repeatable).
-  --tls-port       HTTPS port; needs --tls-cert and --tls-key (PEM files).
-                   A client rejecting the certificate is harmless.
+  --port           plain HTTP port to listen on (repeatable); 0 lets the
+                   system choose a free port (reported on the ready line).
+  --tls-port       HTTPS port (0: chosen by the system); needs --tls-cert
+                   and --tls-key (PEM files).  A client rejecting the
+                   certificate is harmless.
   --key-id/--key-secret
                    the accepted Server-Key is base64(ID + ":" + SECRET).
   --log            JSON-lines log file, truncated at start (mode 0644).
@@ -28,9 +30,17 @@ Command line
   --redirect-port  port used in the Location of fault-redirect-* answers;
                    defaults to the second --port if given, else the first.
   --host           address to bind (default 127.0.0.1).
+  --exit-on-eof    end (as on SIGTERM) when stdin reaches end of file, so a
+                   parent that holds the other end of a pipe cannot leave
+                   the mock running when it dies.
 
-When every socket is bound the server writes the pidfile and prints the
-line "mock ready" on stdout.  SIGTERM or SIGINT ends it cleanly (exit 0).
+When every socket is bound the server writes the pidfile and prints one
+line on stdout with the ports it listens on, in the order given:
+
+    mock ready ports=58480,58481 tls_port=58443
+
+(" tls_port=..." only with --tls-port; "ports=" is empty without --port).
+SIGTERM or SIGINT ends it cleanly (exit 0).
 
 Connections are persistent (keep-alive) unless the client sends
 "Connection: close" (or speaks HTTP/1.0 without "Connection: keep-alive").
@@ -43,7 +53,8 @@ Log format (one compact JSON object per line, ASCII only)
 
   {"event":"connection","port":P,"conn":N}
       for every accepted connection (N counts from 1; P is the listening
-      port; for TLS the line is written before the handshake).
+      port, the one chosen when 0 was given; for TLS the line is written
+      before the handshake).
   {"event":"request","port":P,"conn":N,"seq":S,"method":"POST",
    "path":"/v1/server/auth_ticket/request",
    "headers":[["Host","127.0.0.1:58480"],["Server-Key","..."],...],
@@ -984,7 +995,7 @@ def make_listener(host, port):
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, port))
     s.listen(1024)
-    return s
+    return s, s.getsockname()[1]
 
 
 def accept_loop(state, lsock, port, tls, stop):
@@ -1028,19 +1039,12 @@ def main(argv=None):
     ap.add_argument("--pidfile")
     ap.add_argument("--redirect-port", type=int)
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--exit-on-eof", action="store_true")
     args = ap.parse_args(argv)
     if not args.port and args.tls_port is None:
         ap.error("at least one --port or --tls-port is required")
     if args.tls_port is not None and not (args.tls_cert and args.tls_key):
         ap.error("--tls-port needs --tls-cert and --tls-key")
-    if args.redirect_port is None:
-        if len(args.port) >= 2:
-            args.redirect_port = args.port[1]
-        elif args.port:
-            args.redirect_port = args.port[0]
-        else:
-            args.redirect_port = args.tls_port
-
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -1052,7 +1056,10 @@ def main(argv=None):
     state = State(args)
     listeners = []
     for p in args.port:
-        listeners.append((make_listener(args.host, p), p, False))
+        lsock, p = make_listener(args.host, p)
+        listeners.append((lsock, p, False))
+    plain = [p for _, p, _ in listeners]
+    tls_port = None
     if args.tls_port is not None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(args.tls_cert, args.tls_key)
@@ -1061,8 +1068,16 @@ def main(argv=None):
         except (NotImplementedError, AttributeError):
             pass
         state.tls_ctx = ctx
-        listeners.append((make_listener(args.host, args.tls_port),
-                          args.tls_port, True))
+        lsock, tls_port = make_listener(args.host, args.tls_port)
+        listeners.append((lsock, tls_port, True))
+    if args.redirect_port is None:
+        if len(plain) >= 2:
+            args.redirect_port = plain[1]
+        elif plain:
+            args.redirect_port = plain[0]
+        else:
+            args.redirect_port = tls_port
+    state.redirect_port = args.redirect_port
 
     for lsock, p, tls in listeners:
         threading.Thread(target=accept_loop, args=(state, lsock, p, tls, stop),
@@ -1073,8 +1088,21 @@ def main(argv=None):
         with open(tmp, "w") as fh:
             fh.write("%d\n" % os.getpid())
         os.replace(tmp, args.pidfile)
+    if args.exit_on_eof:
+        def watch_stdin():
+            try:
+                while os.read(0, 4096):
+                    pass
+            except OSError:
+                pass
+            stop.set()
+        threading.Thread(target=watch_stdin, daemon=True,
+                         name="stdin").start()
+    ready = "mock ready ports=%s" % ",".join(str(p) for p in plain)
+    if tls_port is not None:
+        ready += " tls_port=%d" % tls_port
     try:
-        sys.stdout.write("mock ready\n")
+        sys.stdout.write(ready + "\n")
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
