@@ -99,6 +99,8 @@ typedef struct Slot
 	size_t		header_bytes;
 	bool		header_overflow;
 	bool		no_fds;			/* no file descriptor was left for a socket */
+	bool		connect_capped; /* the budget, not connect_timeout, bounds
+								 * connecting */
 	char		errbuf[CURL_ERROR_SIZE];
 } Slot;
 
@@ -791,6 +793,7 @@ start_attempt(Slot *slot, struct curl_slist *headers)
 	SET(CURLOPT_TIMEOUT_MS, budget);
 	SET(CURLOPT_CONNECTTIMEOUT_MS, Min((long) taptalk_connect_timeout_ms, budget));
 #undef SET
+	slot->connect_capped = (taptalk_connect_timeout_ms >= budget);
 	if (rc != CURLE_OK)
 	{
 		snprintf(slot->errbuf, CURL_ERROR_SIZE,
@@ -908,7 +911,7 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 		if (curl_easy_getinfo(slot->easy, CURLINFO_PRETRANSFER_TIME_T,
 							  &pretransfer) != CURLE_OK)
 			pretransfer = 0;
-		if (pretransfer == 0 && remaining_ms(slot->deadline) > 0)
+		if (pretransfer == 0 && !slot->connect_capped)
 		{
 			/* the connect timeout passed, with time left for another try */
 			taptalk_set_error(result, TAPTALK_CODE_CONNECTION_FAILED, NULL,
