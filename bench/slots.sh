@@ -22,17 +22,16 @@
 #
 # and checks that nginx answered every request.  nginx's own log of how
 # long each request took shows whether the server kept to the delay (it is
-# not the bottleneck when it did).  The target: taptalk
-# reaches SLOT_TARGET percent of the limit at every concurrency up to 64.
-# At a higher one a miss is only a warning when curl_loop misses the target
+# not the bottleneck when it did).  The target: taptalk reaches SLOT_TARGET
+# percent of the limit at every concurrency up to 64.  At a higher one a miss is only a warning when curl_loop misses the target
 # too (the machine, not taptalk, is then the limit).  When taptalk misses
 # the target, the concurrency is measured again (all three clients), up to
 # SLOT_TRIES times in all, and the best figure of each client counts: other
 # work on a shared machine only ever slows a run down.
 #
-# Needs, from scripts/bench: BENCH_DIR, URL, NGINX_PORT, KEY_ID, KEY_SECRET,
-# BODY, REQ, the curl_loop binary in BENCH_DIR, and pg, nginx_counters,
-# nginx_since.  Settings (environment): BENCH_SLOT_CONCURRENCY ("1 2 4 8 16
+# Needs, from scripts/bench: BENCH_DIR, URL, KEY_ID, KEY_SECRET, BODY, REQ,
+# the curl_loop binary in BENCH_DIR, and pg, check_count, nginx_counters,
+# nginx_since and target.  Settings (environment): BENCH_SLOT_CONCURRENCY ("1 2 4 8 16
 # 32 64 256"), BENCH_SLOT_REQUESTS (1000), BENCH_SLOT_DELAY_MS (50),
 # BENCH_SLOT_TARGET (90, percent), BENCH_SLOT_TRIES (2).
 
