@@ -26,7 +26,12 @@ EXTRA_CLEAN = results regression.diffs regression.out
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
+ifneq ($(PGXS),)
 include $(PGXS)
+else ifneq ($(filter-out demo test bench soak dist,$(or $(MAKECMDGOALS),all)),)
+# only the targets below, which install what they need, work without it
+$(error $(PG_CONFIG) was not found: install postgresql-server-dev-15, or set PG_CONFIG)
+endif
 
 # The two commands of the README; both do their own set-up.
 .PHONY: demo test bench soak dist

@@ -9,7 +9,7 @@ SELECT * FROM taptalk_auth_tickets('{}');
 SELECT * FROM taptalk_auth_tickets(NULL);
 
 -- mixed results: each element's failure is its own row
-SET taptalk.timeout_ms = 500;
+SET taptalk.timeout = 500;
 SET taptalk.max_retries = 0;
 SELECT * FROM taptalk_auth_tickets(ARRAY[
 	req('b-1'),
@@ -23,7 +23,7 @@ SELECT * FROM taptalk_auth_tickets(ARRAY[
 	req('fault-badjson'),
 	req('b-10')
 ]);
-RESET taptalk.timeout_ms;
+RESET taptalk.timeout;
 RESET taptalk.max_retries;
 
 -- order is the input's even when later requests finish first

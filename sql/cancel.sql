@@ -26,7 +26,7 @@ SELECT * FROM taptalk_auth_ticket(req('after-timeout'));
 SELECT dblink_connect('victim', format('host=%s port=%s dbname=%s user=%s',
 	current_setting('unix_socket_directories'), current_setting('port'),
 	current_database(), current_user));
-SELECT dblink_exec('victim', 'SET taptalk.timeout_ms = 60000');
+SELECT dblink_exec('victim', 'SET taptalk.timeout = 60000');
 SELECT pid AS victim_pid FROM dblink('victim', 'SELECT pg_backend_pid()') AS t(pid int) \gset
 SELECT dblink_send_query('victim', $q$SELECT * FROM taptalk_auth_ticket('$q$ || req('fault-slow-30000')::text || $q$')$q$);
 -- wait until the request is on the wire

@@ -2,7 +2,7 @@
 -- faults: the network fails in each way the mock can; the function answers
 -- with a row saying what happened, and the session carries on.
 --
-SET taptalk.timeout_ms = 500;
+SET taptalk.timeout = 500;
 
 -- TIMEOUT: the server answers after the time limit
 SELECT * FROM taptalk_auth_ticket(req('fault-slow-3000'));
@@ -54,7 +54,7 @@ SELECT count(*) AS attempts FROM mock_requests(:mark);
 
 -- a 503 is retried even when its body or its headers are too long to read:
 -- its status says what happened (HTTP_ERROR), not its size
-SET taptalk.timeout_ms = 5000;
+SET taptalk.timeout = 5000;
 SELECT mock_mark() AS mark \gset
 SELECT * FROM taptalk_auth_ticket(req('fault-huge503-2'));
 SELECT count(*) AS attempts FROM mock_requests(:mark);
@@ -65,11 +65,11 @@ SELECT count(*) AS attempts FROM mock_requests(:mark);
 SELECT mock_mark() AS mark \gset
 SELECT * FROM taptalk_auth_ticket(req('fault-partial'));
 SELECT count(*) AS attempts FROM mock_requests(:mark);
-SET taptalk.timeout_ms = 500;
+SET taptalk.timeout = 500;
 
 -- the session is still usable and the connection cache still works
 SELECT * FROM taptalk_auth_ticket(req('faults-after'));
-RESET taptalk.timeout_ms;
+RESET taptalk.timeout;
 
 -- configuration mistakes raise, with a hint naming the setting
 SET taptalk.base_url = 'ftp://127.0.0.1/';
@@ -88,9 +88,11 @@ RESET taptalk.server_key_id;
 SET taptalk.server_key_secret = '';
 SELECT * FROM taptalk_auth_ticket(req('cfg'));
 RESET taptalk.server_key_secret;
-SET taptalk.timeout_ms = 0;
-SET taptalk.max_concurrency = 257;
-SET taptalk.max_retries = 11;
+-- values outside a setting's range are refused (22023; the ranges are in
+-- pg_settings, see privileges)
+SELECT sqlstate_of('SET taptalk.timeout = 0');
+SELECT sqlstate_of('SET taptalk.max_concurrency = 257');
+SELECT sqlstate_of('SET taptalk.max_retries = 11');
 -- a reserved prefix: a misspelled setting is an error, not a silent placeholder
 SET taptalk.base_ulr = 'http://127.0.0.1';
 SELECT user_id FROM taptalk_auth_ticket(req('cfg-ok'));

@@ -6,7 +6,15 @@
 CREATE EXTENSION taptalk;
 CREATE EXTENSION dblink;
 
-\dx+ taptalk
+-- the extension's members (array types are left out: PostgreSQL 18 records
+-- the result type's array type as a member too, 15 does not)
+SELECT pg_describe_object(classid, objid, objsubid) AS member
+FROM pg_depend
+WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+  AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'taptalk')
+  AND NOT (classid = 'pg_type'::regclass
+           AND objid IN (SELECT oid FROM pg_type WHERE typcategory = 'A'))
+ORDER BY 1;
 
 -- the result type, column by column, in the specified order
 SELECT attnum, attname, format_type(atttypid, atttypmod)
@@ -56,3 +64,13 @@ $$;
 
 -- the mock answers, so the set-up works end to end
 SELECT * FROM taptalk_auth_ticket(req('init-1'));
+
+-- the SQLSTATE a statement fails with, for the checks whose message
+-- PostgreSQL words differently from one version to the next
+CREATE FUNCTION sqlstate_of(stmt text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE stmt;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE;
+END $$;

@@ -13,12 +13,12 @@ SET taptalk.server_key_secret = 'x';
 SET taptalk.ca_file = '/tmp/evil.pem';
 SELECT set_config('taptalk.base_url', 'http://attacker.example', true);
 -- but may tune its own timeouts
-SET taptalk.timeout_ms = '2s';
-SHOW taptalk.timeout_ms;
-RESET taptalk.timeout_ms;
--- cannot read the secret by any route
-SHOW taptalk.server_key_secret;
-SELECT current_setting('taptalk.server_key_secret');
+SET taptalk.timeout = '2s';
+SHOW taptalk.timeout;
+RESET taptalk.timeout;
+-- cannot read the secret by any route (42501: insufficient privilege)
+SELECT sqlstate_of('SHOW taptalk.server_key_secret');
+SELECT sqlstate_of($$SELECT current_setting('taptalk.server_key_secret')$$);
 SELECT count(*) FROM pg_settings WHERE name = 'taptalk.server_key_secret';
 SELECT count(*) FROM pg_file_settings WHERE name LIKE 'taptalk.%';
 SELECT count(*) AS rows_with_secret
@@ -31,7 +31,7 @@ SELECT * FROM taptalk_auth_tickets(ARRAY[req('priv-1')]);
 
 \c - taptalk_caller
 SELECT * FROM taptalk_auth_ticket(req('priv-2'));
-SHOW taptalk.server_key_secret;
+SELECT sqlstate_of('SHOW taptalk.server_key_secret');
 
 \c - postgres
 -- the superuser sees the secret

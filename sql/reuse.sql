@@ -35,7 +35,7 @@ FROM mock_requests(:mark) r, jsonb_array_elements(r->'headers') h
 WHERE h->>0 = 'Server-Key';
 
 -- after a timed-out request the handle is reused safely
-SET taptalk.timeout_ms = 200;
+SET taptalk.timeout = 200;
 SELECT error_code FROM taptalk_auth_ticket(req('fault-slow-2000'));
-RESET taptalk.timeout_ms;
+RESET taptalk.timeout;
 SELECT user_id FROM taptalk_auth_ticket(req('reuse-after-timeout'));

@@ -32,7 +32,7 @@ END $$;
 CREATE TRIGGER app_user_provision BEFORE INSERT ON app_user
 	FOR EACH ROW EXECUTE FUNCTION app_user_provision();
 
-SET taptalk.timeout_ms = 500;
+SET taptalk.timeout = 500;
 INSERT INTO app_user (id, full_name, email) VALUES (1, 'Ann', 'ann@example.com');
 INSERT INTO app_user (id, full_name, email) VALUES (2, 'Bob', NULL);
 -- a validation failure: blank name
@@ -47,7 +47,7 @@ RESET taptalk.base_url;
 RESET taptalk.max_retries;
 -- several rows in one statement
 INSERT INTO app_user (id, full_name) SELECT i, 'user ' || i FROM generate_series(6, 8) i;
-RESET taptalk.timeout_ms;
+RESET taptalk.timeout;
 
 SELECT id, full_name, taptalk_user_id, taptalk_error FROM app_user ORDER BY id;
 

@@ -105,7 +105,7 @@ check_base_url(char **newval, void **extra, GucSource source)
 	if (problem != NULL)
 	{
 		GUC_check_errdetail("%s", problem);
-		GUC_check_errhint("Set taptalk.base_url to the address of the TapTalk server API, for example https://taptalk.io.");
+		GUC_check_errhint("Set \"taptalk.base_url\" to the address of the TapTalk server API, for example https://taptalk.io.");
 		return false;
 	}
 	return true;
@@ -152,8 +152,8 @@ _PG_init(void)
 	loaded_at_preload = process_shared_preload_libraries_in_progress;
 
 	DefineCustomStringVariable("taptalk.base_url",
-							   "Base URL of the TapTalk server API.",
-							   "The request goes to this URL followed by "
+							   "Sets the base URL of the TapTalk server API.",
+							   "Requests go to this URL followed by "
 							   TAPTALK_AUTH_TICKET_PATH ". It must start with "
 							   "http:// or https://.",
 							   &taptalk_base_url,
@@ -163,7 +163,7 @@ _PG_init(void)
 							   check_base_url, NULL, NULL);
 
 	DefineCustomStringVariable("taptalk.server_key_id",
-							   "Server Key ID used to authenticate with TapTalk.",
+							   "Sets the Server Key ID that authenticates requests to TapTalk.",
 							   NULL,
 							   &taptalk_server_key_id,
 							   "",
@@ -172,7 +172,7 @@ _PG_init(void)
 							   NULL, NULL, NULL);
 
 	DefineCustomStringVariable(SECRET_SETTING,
-							   "Server Key Secret used to authenticate with TapTalk.",
+							   "Sets the Server Key Secret that authenticates requests to TapTalk.",
 							   "Only superusers can read or set it.",
 							   &taptalk_server_key_secret,
 							   "",
@@ -181,7 +181,7 @@ _PG_init(void)
 							   NULL, NULL, NULL);
 
 	DefineCustomStringVariable("taptalk.ca_file",
-							   "CA bundle used to verify TapTalk's TLS certificate.",
+							   "Sets the CA bundle that verifies TapTalk's TLS certificate.",
 							   "Empty means the system's CA bundle. Peer and host "
 							   "name verification are always on.",
 							   &taptalk_ca_file,
@@ -190,18 +190,18 @@ _PG_init(void)
 							   0,
 							   NULL, NULL, NULL);
 
-	DefineCustomIntVariable("taptalk.timeout_ms",
-							"Time limit for a whole request, retries included.",
-							"Between 1 ms and 10 minutes.",
+	DefineCustomIntVariable("taptalk.timeout",
+							"Sets the time limit of each request to TapTalk, retries included.",
+							"It starts when the request is first sent.",
 							&taptalk_timeout_ms,
 							10000, 1, 600000,
 							PGC_USERSET,
 							GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
-	DefineCustomIntVariable("taptalk.connect_timeout_ms",
-							"Time limit for connecting to TapTalk.",
-							"Between 1 ms and 10 minutes.",
+	DefineCustomIntVariable("taptalk.connect_timeout",
+							"Sets the time limit for connecting to TapTalk.",
+							NULL,
 							&taptalk_connect_timeout_ms,
 							3000, 1, 600000,
 							PGC_USERSET,
@@ -209,8 +209,8 @@ _PG_init(void)
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("taptalk.max_concurrency",
-							"Most requests taptalk_auth_tickets has in flight at once.",
-							"Between 1 and 256.",
+							"Sets the maximum number of requests taptalk_auth_tickets has in flight at once.",
+							NULL,
 							&taptalk_max_concurrency,
 							16, 1, TAPTALK_MAX_CONCURRENCY,
 							PGC_USERSET,
@@ -218,10 +218,9 @@ _PG_init(void)
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("taptalk.max_retries",
-							"Retries of a request that failed to reach TapTalk.",
-							"Only connection failures a retry can cure and HTTP "
-							"502, 503 and 504 are retried, within taptalk.timeout_ms. "
-							"Between 0 and 10.",
+							"Sets the maximum number of retries of a request that failed to reach TapTalk.",
+							"Only failures a retry may cure are retried, "
+							"within \"taptalk.timeout\".",
 							&taptalk_max_retries,
 							2, 0, 10,
 							PGC_USERSET,
@@ -248,27 +247,27 @@ check_configuration(void)
 	if (!loaded_at_preload)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("taptalk must be loaded via shared_preload_libraries"),
+				 errmsg("taptalk must be loaded via \"shared_preload_libraries\""),
 				 errdetail("The server key settings are protected only when the library is loaded at server start."),
-				 errhint("Add taptalk to shared_preload_libraries in postgresql.conf and restart the server.")));
+				 errhint("Add taptalk to \"shared_preload_libraries\" in postgresql.conf and restart the server.")));
 
 	if (taptalk_base_url == NULL || taptalk_base_url[0] == '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("parameter \"taptalk.base_url\" is not set"),
-				 errhint("Set taptalk.base_url in postgresql.conf or with ALTER SYSTEM, for example to https://taptalk.io.")));
+				 errhint("Set \"taptalk.base_url\" in postgresql.conf or with ALTER SYSTEM, for example to https://taptalk.io.")));
 
 	if (taptalk_server_key_id == NULL || taptalk_server_key_id[0] == '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("parameter \"taptalk.server_key_id\" is not set"),
-				 errhint("Set taptalk.server_key_id in postgresql.conf or with ALTER SYSTEM.")));
+				 errhint("Set \"taptalk.server_key_id\" in postgresql.conf or with ALTER SYSTEM.")));
 
 	if (taptalk_server_key_secret == NULL || taptalk_server_key_secret[0] == '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("parameter \"taptalk.server_key_secret\" is not set"),
-				 errhint("Set taptalk.server_key_secret in postgresql.conf or with ALTER SYSTEM.")));
+				 errhint("Set \"taptalk.server_key_secret\" in postgresql.conf or with ALTER SYSTEM.")));
 }
 
 /*

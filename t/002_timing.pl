@@ -44,7 +44,7 @@ for my $case (
 # server (30 s)
 my $victim = $node->background_psql('postgres', on_error_stop => 0);
 my $pid = $victim->query_safe('SELECT pg_backend_pid()');
-$victim->query_safe('SET taptalk.timeout_ms = 60000');
+$victim->query_safe('SET taptalk.timeout = 60000');
 $victim->query_until(qr/sent/,
 	"\\echo sent\nSELECT * FROM taptalk_auth_ticket(req('fault-slow-30000'));\n");
 ok( $node->poll_query_until(

@@ -30,7 +30,7 @@ sub tls_call
 	return $node->safe_psql(
 		'postgres', join("\n",
 			"SET taptalk.base_url = '$url';",
-			'SET taptalk.timeout_ms = 5000;',
+			'SET taptalk.timeout = 5000;',
 			@before,
 			"SELECT concat_ws('|', coalesce(user_id, ''), coalesce(error_code, ''), coalesce(error_message, ''))",
 			"FROM taptalk_auth_ticket(req('$xc'));"));
@@ -130,20 +130,20 @@ EXCEPTION WHEN query_canceled THEN
 	ms := extract(epoch FROM clock_timestamp() - t0) * 1000;
 	code := 'cancelled';
 END \$\$;
-SET taptalk.timeout_ms = 1000;
+SET taptalk.timeout = 1000;
 SELECT concat_ws(' ', code, ms <= 1300, ms) FROM pg_temp.timed(req('tls-stall-1'));
-SET taptalk.connect_timeout_ms = 300;
+SET taptalk.connect_timeout = 300;
 SELECT concat_ws(' ', CASE WHEN code IN ('CONNECTION_FAILED', 'TIMEOUT') THEN 'failed' ELSE code END,
 	ms BETWEEN 600 AND 1300, ms) FROM pg_temp.timed(req('tls-stall-2'));
-SET taptalk.timeout_ms = 60000;
-SET taptalk.connect_timeout_ms = 60000;
+SET taptalk.timeout = 60000;
+SET taptalk.connect_timeout = 60000;
 SET statement_timeout = 500;
 SELECT concat_ws(' ', code, ms <= 1000, ms) FROM pg_temp.timed(req('tls-stall-3'));});
 my @stall = map { [ split / / ] } split /\n/, $got;
 is("$stall[0][0] $stall[0][1]", 'TIMEOUT t',
-	"a stalled TLS handshake: TIMEOUT within timeout_ms = 1000 ms + 300 ms ($stall[0][2] ms)");
+	"a stalled TLS handshake: TIMEOUT within taptalk.timeout = 1000 ms + 300 ms ($stall[0][2] ms)");
 is("$stall[1][0] $stall[1][1]", 'failed t',
-	"a stalled TLS handshake with connect_timeout_ms = 300: the connect timeouts are retried within timeout_ms, 600 to 1300 ms ($stall[1][2] ms)");
+	"a stalled TLS handshake with taptalk.connect_timeout = 300 ms: the connect timeouts are retried within taptalk.timeout, 600 to 1300 ms ($stall[1][2] ms)");
 is("$stall[2][0] $stall[2][1]", 'cancelled t',
 	"a stalled TLS handshake: statement_timeout = 500 ms cancels it within 1000 ms ($stall[2][2] ms)");
 my $conns = $mock->count($mark, 'connection', $plain);

@@ -58,7 +58,7 @@ is($node->safe_psql('postgres', 'SHOW taptalk.base_url'),
 my (undef, $err) = call("SELECT taptalk_auth_ticket(req('proto-start'))");
 is( $err,
 	'ERROR:  parameter "taptalk.base_url" is not set
-HINT:  Set taptalk.base_url in postgresql.conf or with ALTER SYSTEM, for example to https://taptalk.io.',
+HINT:  Set "taptalk.base_url" in postgresql.conf or with ALTER SYSTEM, for example to https://taptalk.io.',
 	'gopher:// at start: the function raises');
 (undef, $err) =
   call("SELECT count(*) FROM taptalk_auth_tickets(ARRAY[req('proto-start')])");

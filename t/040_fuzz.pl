@@ -52,7 +52,7 @@ CREATE TABLE fuzz_parsed (id int PRIMARY KEY, j jsonb NOT NULL);
 CREATE TABLE fuzz_out (
 	id int PRIMARY KEY, stage text NOT NULL, sqlstate text, message text,
 	user_id text, ticket text, error_code text, error_field text, error_message text);
-SET taptalk.timeout_ms = 20000;
+SET taptalk.timeout = 20000;
 DO \$\$
 DECLARE
 	rec record;

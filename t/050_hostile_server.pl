@@ -43,7 +43,7 @@ DECLARE
 	codes text;
 	messages text;
 BEGIN
-	PERFORM set_config('taptalk.timeout_ms', timeout_ms::text, false);
+	PERFORM set_config('taptalk.timeout', timeout_ms::text, false);
 	PERFORM backend_memory_reset_peak();
 	m0 := backend_memory();
 	t0 := clock_timestamp();
@@ -59,7 +59,7 @@ BEGIN
 	INSERT INTO hostile (what, codes, messages, ms, rss_before, hwm_before, rss_after, hwm_after)
 	VALUES (what, codes, messages, extract(epoch FROM clock_timestamp() - t0) * 1000,
 			m0.rss_kb, m0.hwm_kb, m1.rss_kb, m1.hwm_kb);
-	RESET taptalk.timeout_ms;
+	RESET taptalk.timeout;
 END \$\$;
 -- warm up: the first call loads libcurl, TLS and the catalogs
 SELECT pg_temp.hostile('warm-up', ARRAY[req('hostile-warm')]);

@@ -1,6 +1,6 @@
 # t/060_chaos_pgbench.pl: faults under load.  pgbench, 16 clients, each
 # calling taptalk_auth_ticket against the mock's /chaos/<period> prefix, which
-# cycles healthy / 2 s slow / TCP reset / 503 every 500 ms; timeout_ms = 700,
+# cycles healthy / 2 s slow / TCP reset / 503 every 500 ms; taptalk.timeout = 700 ms,
 # so that a timed-out call ends in a later phase; a pause of up to 30 ms
 # between calls; half the clients with the default 2 retries, half with none.
 # No backend crashes, no transaction fails (pgbench would report the error
@@ -60,7 +60,7 @@ my ($out, $err) = ('', '');
 my $ok;
 {
 	local $ENV{PGOPTIONS} =
-	  "-c taptalk.base_url=$url/chaos/$period -c taptalk.timeout_ms=700";
+	  "-c taptalk.base_url=$url/chaos/$period -c taptalk.timeout=700";
 	$ok = IPC::Run::run(
 		[
 			'pgbench', '-n', '-h', $node->host, '-p', $node->port,

@@ -54,9 +54,9 @@ sub cycle
 	  . $api_sql x 3 . qq{
 RESET taptalk.max_retries;
 SELECT 'retried', coalesce(error_code, 'OK') FROM taptalk_auth_ticket(req('$flaky'));
-SET taptalk.timeout_ms = 30;
+SET taptalk.timeout = 30;
 SELECT 'timeout', error_code FROM taptalk_auth_ticket(req('fault-slow-300'));
-RESET taptalk.timeout_ms;
+RESET taptalk.timeout;
 SET statement_timeout = 30;
 SELECT 'not cancelled', error_code FROM taptalk_auth_ticket(req('fault-slow-1000'));
 SET statement_timeout = 50;

@@ -1,4 +1,4 @@
-# t/090_retries.pl: retries stay within taptalk.timeout_ms.  With
+# t/090_retries.pl: retries stay within taptalk.timeout.  With
 # max_retries = 10 and a short timeout, a server that always answers 503
 # (fast or after 300 ms), always resets, or refuses connections gets a few
 # attempts and the call returns within the timeout (plus 150 ms); a batch of
@@ -28,7 +28,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
 	t0 timestamptz;
 BEGIN
-	PERFORM set_config('taptalk.timeout_ms', timeout_ms::text, true);
+	PERFORM set_config('taptalk.timeout', timeout_ms::text, true);
 	PERFORM set_config('taptalk.max_retries', max_retries::text, true);
 	t0 := clock_timestamp();
 	SELECT r.error_code INTO error_code FROM taptalk_auth_ticket(request) r;
@@ -40,7 +40,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
 	t0 timestamptz;
 BEGIN
-	PERFORM set_config('taptalk.timeout_ms', timeout_ms::text, true);
+	PERFORM set_config('taptalk.timeout', timeout_ms::text, true);
 	PERFORM set_config('taptalk.max_retries', max_retries::text, true);
 	t0 := clock_timestamp();
 	SELECT string_agg(DISTINCT coalesce(r.error_code, 'OK'), ',') INTO error_codes
@@ -111,7 +111,7 @@ BEGIN
 EXCEPTION WHEN query_canceled THEN
 	RETURN (extract(epoch FROM clock_timestamp() - t0) * 1000)::int::text;
 END \$\$;
-SET taptalk.timeout_ms = 60000;
+SET taptalk.timeout = 60000;
 SET taptalk.max_retries = 10;
 SET statement_timeout = 1000;
 SELECT pg_temp.cancelled_after(req('fault-flaky-1000000-$token-cancel'));});

@@ -89,7 +89,7 @@ is($what, 'canceled', 'statement_timeout cancels a call whose lookup hangs');
 cmp_ok($ms, '<', 300 + $MARGIN_MS, "... when due (after $ms ms; due at 300 ms)");
 
 # taptalk.timeout
-($what, $ms) = outcome("SET taptalk.timeout_ms = 500; SELECT timed_call()");
+($what, $ms) = outcome("SET taptalk.timeout = 500; SELECT timed_call()");
 is($what, 'TIMEOUT', 'taptalk.timeout ends a call whose lookup hangs with TIMEOUT');
 cmp_ok($ms, '<', 500 + $MARGIN_MS, "... when due (after $ms ms; due at 500 ms)");
 
@@ -97,7 +97,7 @@ cmp_ok($ms, '<', 500 + $MARGIN_MS, "... when due (after $ms ms; due at 500 ms)")
 sub start_hanging_call
 {
 	my $bg = $node->background_psql('postgres', on_error_stop => 0);
-	$bg->query_safe("SET taptalk.timeout_ms = 60000");
+	$bg->query_safe("SET taptalk.timeout = 60000");
 	$bg->query_until(qr/started/, "\\echo started\nSELECT timed_call();\n");
 	my $pid;
 	for (1 .. 500)

@@ -32,7 +32,7 @@ my $REQUEST = q({"userIPAddress": "10.0.0.1", "userAgent": "t", "userPlatform": 
 
 # 64 requests, 16 at a time, each allowed 60 s: the batch would take minutes
 my $bg = $node->background_psql('postgres', on_error_stop => 0);
-$bg->query_safe("SET taptalk.timeout_ms = 60000; SET taptalk.max_concurrency = 16");
+$bg->query_safe("SET taptalk.timeout = 60000; SET taptalk.max_concurrency = 16");
 $bg->query_until(qr/started/,
 	"\\echo started\nSELECT count(*) FROM taptalk_auth_tickets(array_fill('$REQUEST'::jsonb, ARRAY[64]));\n");
 my $pid;

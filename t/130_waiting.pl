@@ -38,7 +38,7 @@ sub start_call
 {
 	my ($sql) = @_;
 	my $bg = $node->background_psql('postgres', on_error_stop => 0);
-	$bg->query_safe("SET taptalk.timeout_ms = 60000");
+	$bg->query_safe("SET taptalk.timeout = 60000");
 	$bg->query_until(qr/started/, "\\echo started\n$sql;\n");
 	my $pid;
 	for (1 .. 500)
@@ -90,7 +90,7 @@ $bg->quit;
 # what is left gets CONNECTION_FAILED rows for the rest, never an ERROR, and
 # the backend still has descriptors for its own files
 $out = $node->safe_psql('postgres', qq{
-SET taptalk.timeout_ms = 1000;
+SET taptalk.timeout = 1000;
 SET taptalk.max_retries = 0;
 SET taptalk.max_concurrency = 64;
 SELECT error_code, error_message LIKE '%no file descriptor is left%', count(*)
