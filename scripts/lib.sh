@@ -48,6 +48,8 @@ install_deps() {
 
 build_install() {
 	echo "== building and installing taptalk"
+	# from scratch: objects built for another PostgreSQL would be reused
+	make -C "$ROOT" -s PG_CONFIG="$PG_CONFIG" clean
 	make -C "$ROOT" -s PG_CONFIG="$PG_CONFIG" >/dev/null
 	as_root make -C "$ROOT" -s PG_CONFIG="$PG_CONFIG" install >/dev/null
 }

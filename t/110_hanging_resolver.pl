@@ -35,12 +35,7 @@ my $node;
 	local $ENV{TAPTALK_HANG_HOST} = $HANG_HOST;
 	local $ENV{TAPTALK_HANG_SECONDS} = $HANG_SECONDS;
 	local $ENV{TAPTALK_HANG_REPORT} = $report;
-	$node = TaptalkTest::node(
-		'resolver',
-		conf => join("\n",
-			"taptalk.base_url = 'http://$HANG_HOST:9'",
-			"taptalk.server_key_id = 'test-key-id'",
-			"taptalk.server_key_secret = 'test-key-secret'"));
+	$node = TaptalkTest::silent_node('resolver', "http://$HANG_HOST:9");
 }
 
 my $REQUEST = q('{"userIPAddress": "10.0.0.1", "userAgent": "t", "userPlatform": "web",
@@ -99,16 +94,7 @@ sub start_hanging_call
 	my $bg = $node->background_psql('postgres', on_error_stop => 0);
 	$bg->query_safe("SET taptalk.timeout = 60000");
 	$bg->query_until(qr/started/, "\\echo started\nSELECT timed_call();\n");
-	my $pid;
-	for (1 .. 500)
-	{
-		$pid = $node->safe_psql('postgres',
-			"SELECT pid FROM pg_stat_activity WHERE state = 'active' "
-			  . "AND query LIKE '%timed_call%' AND pid <> pg_backend_pid()");
-		last if $pid;
-		usleep(10_000);
-	}
-	die 'the call did not start' unless $pid;
+	my $pid = TaptalkTest::active_pid($node, '%timed_call%');
 	usleep(300_000);    # well inside the lookup
 	return ($bg, $pid);
 }

@@ -7,25 +7,12 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 use TaptalkTest;
-use IO::Socket::INET;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
 
-# the kernel completes the handshakes; nobody ever reads or answers
-my $silent = IO::Socket::INET->new(
-	LocalAddr => '127.0.0.1',
-	LocalPort => 0,
-	Listen => 256,
-	ReuseAddr => 1) or die "could not listen: $!";
-my $port = $silent->sockport;
-
-my $node = TaptalkTest::node(
-	'pmdeath',
-	conf => join("\n",
-		"taptalk.base_url = 'http://127.0.0.1:$port'",
-		"taptalk.server_key_id = 'test-key-id'",
-		"taptalk.server_key_secret = 'test-key-secret'"));
+my $silent = TaptalkTest::silent_server();
+my $node = TaptalkTest::silent_node('pmdeath', 'http://127.0.0.1:' . $silent->sockport);
 
 my $REQUEST = q({"userIPAddress": "10.0.0.1", "userAgent": "t", "userPlatform": "web",
   "userDeviceID": "d", "xcUserID": "1", "fullName": "F"});
@@ -35,15 +22,7 @@ my $bg = $node->background_psql('postgres', on_error_stop => 0);
 $bg->query_safe("SET taptalk.timeout = 60000; SET taptalk.max_concurrency = 16");
 $bg->query_until(qr/started/,
 	"\\echo started\nSELECT count(*) FROM taptalk_auth_tickets(array_fill('$REQUEST'::jsonb, ARRAY[64]));\n");
-my $pid;
-for (1 .. 500)
-{
-	$pid = $node->safe_psql('postgres',
-		"SELECT pid FROM pg_stat_activity WHERE state = 'active' "
-		  . "AND query LIKE '%taptalk_auth_tickets%' AND pid <> pg_backend_pid()");
-	last if $pid;
-	usleep(10_000);
-}
+my $pid = TaptalkTest::active_pid($node, '%taptalk_auth_tickets%');
 ok($pid, 'the batch is running');
 usleep(300_000);
 ok(kill(0, $pid), 'the batch is still running 300 ms later');

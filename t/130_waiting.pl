@@ -9,26 +9,15 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 use TaptalkTest;
-use IO::Socket::INET;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
 
-my $silent = IO::Socket::INET->new(
-	LocalAddr => '127.0.0.1',
-	LocalPort => 0,
-	Listen => 512,
-	ReuseAddr => 1) or die "could not listen: $!";
-my $port = $silent->sockport;
+my $silent = TaptalkTest::silent_server();
 
 # few file descriptors, so that a batch can run out of them
-my $node = TaptalkTest::node(
-	'waiting',
-	conf => join("\n",
-		"taptalk.base_url = 'http://127.0.0.1:$port'",
-		"taptalk.server_key_id = 'test-key-id'",
-		"taptalk.server_key_secret = 'test-key-secret'",
-		"max_files_per_process = 64"));
+my $node = TaptalkTest::silent_node('waiting', 'http://127.0.0.1:' . $silent->sockport,
+	'max_files_per_process = 64');
 my $version = $node->safe_psql('postgres', 'SHOW server_version_num');
 
 my $REQUEST = q({"userIPAddress": "10.0.0.1", "userAgent": "t", "userPlatform": "web",
@@ -40,16 +29,7 @@ sub start_call
 	my $bg = $node->background_psql('postgres', on_error_stop => 0);
 	$bg->query_safe("SET taptalk.timeout = 60000");
 	$bg->query_until(qr/started/, "\\echo started\n$sql;\n");
-	my $pid;
-	for (1 .. 500)
-	{
-		$pid = $node->safe_psql('postgres',
-			"SELECT pid FROM pg_stat_activity WHERE state = 'active' "
-			  . "AND query LIKE '%taptalk_auth_ticket%' AND pid <> pg_backend_pid()");
-		last if $pid;
-		usleep(10_000);
-	}
-	die 'the call did not start' unless $pid;
+	my $pid = TaptalkTest::active_pid($node, '%taptalk_auth_ticket%');
 	return ($bg, $pid);
 }
 

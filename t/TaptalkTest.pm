@@ -388,6 +388,73 @@ sub log_offset
 
 =pod
 
+=item TaptalkTest::silent_server()
+
+A listening socket on 127.0.0.1 (port chosen by the system) that never
+accepts: the kernel completes connections, nobody reads or answers, so a
+request to it waits until it is stopped.  Keep the returned object for as
+long as the server is needed; C<< ->sockport >> is its port.
+
+=cut
+
+sub silent_server
+{
+	require IO::Socket::INET;
+	my $socket = IO::Socket::INET->new(
+		LocalAddr => '127.0.0.1',
+		LocalPort => 0,
+		Listen => 512,
+		ReuseAddr => 1);
+	die "could not listen: $!" unless $socket;
+	return $socket;
+}
+
+=pod
+
+=item TaptalkTest::silent_node($name, $base_url [, $conf])
+
+A node whose taptalk.base_url is C<$base_url>, with a test key and no mock
+settings; C<$conf> is appended to postgresql.conf.
+
+=cut
+
+sub silent_node
+{
+	my ($name, $base_url, $conf) = @_;
+	return node(
+		$name,
+		conf => join("\n",
+			"taptalk.base_url = '$base_url'",
+			"taptalk.server_key_id = '$KEY_ID'",
+			"taptalk.server_key_secret = '$KEY_SECRET'",
+			$conf // ()));
+}
+
+=pod
+
+=item TaptalkTest::active_pid($node, $like)
+
+The process id of the other session whose active query is LIKE C<$like>,
+waited for up to 5 s; dies if there is none.
+
+=cut
+
+sub active_pid
+{
+	my ($node, $like) = @_;
+	for (1 .. 500)
+	{
+		my $pid = $node->safe_psql('postgres',
+			"SELECT pid FROM pg_stat_activity WHERE state = 'active' "
+			  . "AND query LIKE '$like' AND pid <> pg_backend_pid()");
+		return $pid if $pid;
+		usleep(10_000);
+	}
+	die "no active query like $like";
+}
+
+=pod
+
 =back
 
 =cut
