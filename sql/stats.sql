@@ -159,5 +159,7 @@ SELECT taptalk_stats_reset();
 \c - postgres
 SELECT p.proname, p.proacl
 FROM pg_proc p WHERE p.proname LIKE 'taptalk_stats%' ORDER BY 1;
-SELECT relname, relacl FROM pg_class WHERE relname LIKE 'taptalk_stats%' ORDER BY 1;
+SELECT relname, has_table_privilege('pg_monitor', oid, 'SELECT') AS pg_monitor_reads,
+       has_table_privilege('taptalk_app', oid, 'SELECT') AS public_reads
+FROM pg_class WHERE relname LIKE 'taptalk_stats%' ORDER BY 1;
 DROP ROLE taptalk_stats_monitor;

@@ -32,12 +32,13 @@ sub q1 { return $node->safe_psql($_[1] // 'postgres', $_[0]); }
 
 # ---------------------------------------------------------------- upgrade
 my $members = q{
-SELECT string_agg(pg_describe_object(classid, objid, objsubid), ', ' ORDER BY 1)
+SELECT string_agg(m, ', ' ORDER BY m) FROM (
+SELECT pg_describe_object(classid, objid, objsubid) AS m
 FROM pg_depend
 WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'taptalk')
   AND NOT (classid = 'pg_type'::regclass
-           AND objid IN (SELECT oid FROM pg_type WHERE typcategory = 'A'))};
+           AND objid IN (SELECT oid FROM pg_type WHERE typcategory = 'A'))) s};
 my $acls = q{
 SELECT string_agg(n || ' ' || coalesce(a, '-'), ', ' ORDER BY n) FROM (
 	SELECT proname AS n, proacl::text AS a FROM pg_proc WHERE proname LIKE 'taptalk_stats%'
