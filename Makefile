@@ -1,10 +1,10 @@
 # taptalk: PostgreSQL extension that requests TapTalk.io auth tickets
 
 MODULE_big = taptalk
-OBJS = src/taptalk.o src/request.o src/response.o src/transport.o
+OBJS = src/taptalk.o src/request.o src/response.o src/transport.o src/stats.o
 
 EXTENSION = taptalk
-DATA = taptalk--1.0.sql
+DATA = taptalk--1.0.sql taptalk--1.0--1.1.sql
 
 # The tests need the mock TapTalk server and a cluster with taptalk preloaded
 # and pointed at it, so they run as TAP tests (t/*.pl), which start both:

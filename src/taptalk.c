@@ -235,6 +235,8 @@ _PG_init(void)
 #else
 	EmitWarningsOnPlaceholders("taptalk");
 #endif
+
+	taptalk_stats_init();
 }
 
 /*
@@ -381,7 +383,10 @@ taptalk_auth_ticket(PG_FUNCTION_ARGS)
 	memset(&req, 0, sizeof(req));
 	initStringInfo(&req.body);
 	if (taptalk_build_request(request, &req.body, &req.result))
-		taptalk_transport_run(single_next, single_done, &req, 1);
+		taptalk_transport_run(TAPTALK_PATH_SINGLE, single_next, single_done,
+							  &req, 1);
+	else
+		taptalk_stats_rejected(TAPTALK_PATH_SINGLE);
 
 	result_to_columns(&req.result, values, nulls, 0);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
@@ -562,6 +567,7 @@ batch_next(void *arg, int64 *id, StringInfo body)
 			*id = i;
 			return TAPTALK_NEXT_REQUEST;
 		}
+		taptalk_stats_rejected(TAPTALK_PATH_BATCH);
 		batch_settle(batch, i, &failure);
 	}
 	return TAPTALK_NEXT_NONE;
@@ -605,7 +611,7 @@ taptalk_auth_tickets(PG_FUNCTION_ARGS)
 	batch.ring = MemoryContextAllocZero(batch.pending_cxt,
 										sizeof(BatchEntry) * Min(batch.count, BATCH_WINDOW));
 
-	taptalk_transport_run(batch_next, batch_done, &batch,
+	taptalk_transport_run(TAPTALK_PATH_BATCH, batch_next, batch_done, &batch,
 						  Min(taptalk_max_concurrency, batch.count));
 	Assert(batch.emitted == batch.count);
 

@@ -19,7 +19,7 @@
 #error "taptalk requires PostgreSQL 15 or later"
 #endif
 
-#define TAPTALK_VERSION "1.0"
+#define TAPTALK_VERSION "1.1"
 
 /* pg_b64_encode's source is const uint8 * from PostgreSQL 18 on */
 #if PG_VERSION_NUM >= 180000
@@ -82,6 +82,27 @@ extern void taptalk_set_error(TaptalkResult *result, const char *code,
 extern char *taptalk_convert_encoding(const char *text, int len, int src,
 									  int dest, bool replace);
 
+/*
+ * The paths a request can take, each with its own statistics (stats.c):
+ * taptalk_auth_ticket and taptalk_auth_tickets.  A new path is one more
+ * entry here and its name in stats.c.
+ */
+typedef enum TaptalkPath
+{
+	TAPTALK_PATH_SINGLE,
+	TAPTALK_PATH_BATCH,
+	TAPTALK_NUM_PATHS
+} TaptalkPath;
+
+/* stats.c */
+extern void taptalk_stats_init(void);
+extern void taptalk_stats_rejected(TaptalkPath path);
+extern void taptalk_stats_attempt(TaptalkPath path, uint64 connections,
+								  uint64 bytes_sent, uint64 bytes_received);
+extern void taptalk_stats_finished(TaptalkPath path, const char *error_code,
+								   int64 latency_us);
+extern void taptalk_stats_abandoned(TaptalkPath path);
+
 /* transport.c */
 
 /*
@@ -103,8 +124,9 @@ typedef enum TaptalkNext
 typedef TaptalkNext (*taptalk_next_fn) (void *arg, int64 *id, StringInfo body);
 typedef void (*taptalk_done_fn) (void *arg, int64 id, TaptalkResult *result);
 
-extern void taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done,
-								  void *arg, int concurrency);
+extern void taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
+								  taptalk_done_fn done, void *arg,
+								  int concurrency);
 extern void taptalk_transport_shutdown(void);
 
 #endif							/* TAPTALK_H */

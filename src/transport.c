@@ -87,6 +87,7 @@ typedef struct Slot
 	int64		id;				/* the caller's id of the request */
 	StringInfoData body;		/* request body (TopMemoryContext) */
 	int			attempt;		/* 0 for the first try */
+	TimestampTz started;		/* when its first attempt started */
 	TimestampTz deadline;		/* the request's timeout, retries included */
 	TimestampTz retry_at;		/* when to try again; 0 when not waiting */
 
@@ -997,15 +998,67 @@ release_slot(Slot *slot)
 	}
 }
 
-/* Report a request that libcurl refused to start, and free its slot. */
+/* Count a finished request in the path's statistics. */
 static void
-settle_start_failure(Slot *slot, taptalk_done_fn done, void *arg)
+record_finished(TaptalkPath path, Slot *slot, const TaptalkResult *result)
+{
+	taptalk_stats_finished(path, result->error_code,
+						   (int64) (GetCurrentTimestamp() - slot->started));
+}
+
+/*
+ * Count a finished attempt in the path's statistics, with what libcurl says
+ * the transfer cost: the connections it had to open, the bytes of the HTTP
+ * request and of the response (status line and headers, then body).
+ *
+ * CURLINFO_SIZE_UPLOAD_T counts the body bytes sent.  CURLINFO_REQUEST_SIZE
+ * counts the request line and headers and, when libcurl sent a small body
+ * in the same write (libcurl 7.x does for bodies under 64 kB), that body
+ * too: then it exceeds the body alone and is the whole request by itself.
+ * The regression test compares the sum with the bytes the mock received.
+ */
+static void
+record_attempt(TaptalkPath path, Slot *slot)
+{
+	long		connects = 0;
+	long		request_size = 0;
+	long		header_size = 0;
+	curl_off_t	uploaded = 0;
+	curl_off_t	downloaded = 0;
+
+	if (curl_easy_getinfo(slot->easy, CURLINFO_NUM_CONNECTS, &connects) != CURLE_OK)
+		connects = 0;
+	if (curl_easy_getinfo(slot->easy, CURLINFO_REQUEST_SIZE, &request_size) != CURLE_OK)
+		request_size = 0;
+	if (curl_easy_getinfo(slot->easy, CURLINFO_SIZE_UPLOAD_T, &uploaded) != CURLE_OK)
+		uploaded = 0;
+	if (curl_easy_getinfo(slot->easy, CURLINFO_HEADER_SIZE, &header_size) != CURLE_OK)
+		header_size = 0;
+	if (curl_easy_getinfo(slot->easy, CURLINFO_SIZE_DOWNLOAD_T, &downloaded) != CURLE_OK)
+		downloaded = 0;
+	request_size = Max(request_size, 0);
+	uploaded = Max(uploaded, 0);
+	if (request_size <= uploaded)
+		request_size += uploaded;
+	taptalk_stats_attempt(path, (uint64) Max(connects, 0), (uint64) request_size,
+						  (uint64) Max(header_size, 0) + (uint64) Max(downloaded, 0));
+}
+
+/*
+ * Report a request that libcurl refused to start, and free its slot.  The
+ * refused start counts as an attempt that sent and received nothing.
+ */
+static void
+settle_start_failure(TaptalkPath path, Slot *slot, taptalk_done_fn done,
+					 void *arg)
 {
 	TaptalkResult result;
 
 	taptalk_set_error(&result, TAPTALK_CODE_CONNECTION_FAILED, NULL,
 					  slot->errbuf);
 	release_slot(slot);
+	taptalk_stats_attempt(path, 0, 0, 0);
+	record_finished(path, slot, &result);
 	done(arg, slot->id, &result);
 }
 
@@ -1025,7 +1078,7 @@ free_slot(int concurrency)
  * Returns how many requests finished.
  */
 static int
-collect_finished(taptalk_done_fn done, void *arg)
+collect_finished(TaptalkPath path, taptalk_done_fn done, void *arg)
 {
 	CURLMsg    *msg;
 	int			left;
@@ -1045,6 +1098,7 @@ collect_finished(taptalk_done_fn done, void *arg)
 			elog(ERROR, "libcurl transfer without its slot");
 		(void) curl_multi_remove_handle(multi, slot->easy);
 		slot->attached = false;
+		record_attempt(path, slot);
 
 		old = MemoryContextSwitchTo(result_cxt);
 		retry = map_attempt(slot, msg->data.result, &result) &&
@@ -1057,6 +1111,7 @@ collect_finished(taptalk_done_fn done, void *arg)
 		}
 		release_slot(slot);
 		finished++;
+		record_finished(path, slot, &result);
 		done(arg, slot->id, &result);
 		MemoryContextReset(result_cxt);
 	}
@@ -1068,11 +1123,13 @@ collect_finished(taptalk_done_fn done, void *arg)
  * and hand each result to done().  Returns when every request has finished;
  * raises only for interrupts, configuration errors and out of memory, after
  * detaching every transfer.  A request's taptalk.timeout starts when it is
- * first sent and covers its retries.
+ * first sent and covers its retries.  Every attempt and every finished
+ * request is counted in the statistics of `path`; a request still in flight
+ * when the loop is left by an error or an interrupt counts as abandoned.
  */
 void
-taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
-					  int concurrency)
+taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
+					  taptalk_done_fn done, void *arg, int concurrency)
 {
 	struct curl_slist *headers;
 
@@ -1107,11 +1164,12 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 				slot->busy = true;
 				busy++;
 				slot->attempt = 0;
-				slot->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+				slot->started = GetCurrentTimestamp();
+				slot->deadline = TimestampTzPlusMilliseconds(slot->started,
 															 taptalk_timeout_ms);
 				if (!start_attempt(slot, headers))
 				{
-					settle_start_failure(slot, done, arg);
+					settle_start_failure(path, slot, done, arg);
 					busy--;
 				}
 			}
@@ -1135,7 +1193,7 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 					slot->attempt++;
 					if (!start_attempt(slot, headers))
 					{
-						settle_start_failure(slot, done, arg);
+						settle_start_failure(path, slot, done, arg);
 						busy--;
 					}
 				}
@@ -1166,13 +1224,15 @@ taptalk_transport_run(taptalk_next_fn next, taptalk_done_fn done, void *arg,
 			CHECK_FOR_INTERRUPTS();
 
 			drive_ready();
-			busy -= collect_finished(done, arg);
+			busy -= collect_finished(path, done, arg);
 		}
 	}
 	PG_FINALLY();
 	{
 		for (int i = 0; i < nslots; i++)
 		{
+			if (slots[i]->busy)
+				taptalk_stats_abandoned(path);
 			if (slots[i]->busy || slots[i]->attached)
 				release_slot(slots[i]);
 		}

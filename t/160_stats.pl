@@ -1,0 +1,166 @@
+# t/160_stats.pl: the statistics views under concurrency, across the upgrade
+# from 1.0 and across a crash restart.
+#
+# - ALTER EXTENSION taptalk UPDATE TO '1.1' from 1.0 gives the same objects
+#   and privileges as CREATE EXTENSION taptalk (which installs 1.0 and runs
+#   the same upgrade script).
+# - pgbench, 8 clients, each with its own mix of calls: the counters of all
+#   sessions add up exactly to what was called, and to what the mock saw.
+# - A backend killed with SIGKILL while a request is in flight restarts the
+#   server; the views are readable afterwards (the counters start again at
+#   zero: they live in shared memory, which the restart makes anew).
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use TaptalkTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(usleep);
+
+my $mock = TaptalkTest::Mock->start;
+# PostgreSQL::Test::Cluster turns restart_after_crash off; the crash test
+# needs the server's own restart
+my $node = TaptalkTest::node(
+	'stats',
+	mock    => $mock,
+	helpers => 1,
+	conf    => 'restart_after_crash = on');
+
+sub q1 { return $node->safe_psql($_[1] // 'postgres', $_[0]); }
+
+# ---------------------------------------------------------------- upgrade
+my $members = q{
+SELECT string_agg(m, ', ' ORDER BY m) FROM (
+SELECT pg_describe_object(classid, objid, objsubid) AS m
+FROM pg_depend
+WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+  AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'taptalk')
+  AND NOT (classid = 'pg_type'::regclass
+           AND objid IN (SELECT oid FROM pg_type WHERE typcategory = 'A'))) s};
+my $acls = q{
+SELECT string_agg(n || ' ' || coalesce(a, '-'), ', ' ORDER BY n) FROM (
+	SELECT proname AS n, proacl::text AS a FROM pg_proc WHERE proname LIKE 'taptalk_stats%'
+	UNION ALL
+	SELECT relname, relacl::text FROM pg_class WHERE relname LIKE 'taptalk_stats%') s};
+
+is(q1("SELECT extversion FROM pg_extension WHERE extname = 'taptalk'"),
+	'1.1', 'CREATE EXTENSION installs 1.1');
+q1('CREATE DATABASE upgrade');
+q1("CREATE EXTENSION taptalk VERSION '1.0'", 'upgrade');
+is(q1("SELECT count(*) FROM pg_proc WHERE proname LIKE 'taptalk_stats%'", 'upgrade'),
+	0, 'version 1.0 has no statistics');
+q1("ALTER EXTENSION taptalk UPDATE TO '1.1'", 'upgrade');
+is(q1("SELECT extversion FROM pg_extension WHERE extname = 'taptalk'", 'upgrade'),
+	'1.1', 'ALTER EXTENSION UPDATE reaches 1.1');
+is(q1($members, 'upgrade'), q1($members),
+	'the upgraded extension has the same members as a new one');
+is(q1($acls, 'upgrade'), q1($acls),
+	'and the same privileges on the statistics');
+is(q1('SELECT count(*) FROM taptalk_stats', 'upgrade'),
+	2, 'its views read the same statistics');
+
+# ---------------------------------------------------------------- pgbench
+my $clients = 8;
+my $tx      = 25;
+
+q1('SELECT taptalk_stats_reset()');
+my $mock_mark = $mock->log_mark;
+my $log_mark  = TaptalkTest::log_offset($node);
+
+# per transaction: a success and an HTTP_ERROR (404, not retried) on the
+# single path; a batch of three valid elements (one a 50000 envelope) and
+# one refused by our validation
+my $script = PostgreSQL::Test::Utils::tempdir('stats') . '/stats.pgbench';
+append_to_file(
+	$script, q{\set id random(1, 1000000000)
+SELECT user_id FROM taptalk_auth_ticket(req('stats-' || :client_id || '-' || :id));
+SELECT error_code FROM taptalk_auth_ticket(req('fault-status-404'));
+SELECT count(*) FROM taptalk_auth_tickets(ARRAY[req('b1-' || :id), req('b2-' || :id),
+	req('fault-envelope500'), req('b3') - 'fullName']);
+});
+my ($out, $err) = ('', '');
+my $ok = IPC::Run::run(
+	[
+		'pgbench', '-n', '-h', $node->host, '-p', $node->port,
+		'-c', $clients, '-j', 2, '-t', $tx, '-f', $script, 'postgres'
+	],
+	'>', \$out, '2>', \$err);
+ok($ok && "$out$err" !~ /aborted|error/i, 'pgbench ran without an error')
+  or diag "$out\n$err";
+TaptalkTest::no_crash($node, $log_mark, 'pgbench');
+
+my $n = $clients * $tx;
+is( q1(
+		q{SELECT string_agg(format('%s: requests=%s rejected=%s attempts=%s successes=%s failures=%s abandoned=%s',
+			path, requests, rejected, attempts, successes, failures, abandoned), '; ' ORDER BY path)
+		FROM taptalk_stats}),
+	sprintf(
+		'batch: requests=%d rejected=%d attempts=%d successes=%d failures=%d abandoned=0; '
+		  . 'single: requests=%d rejected=0 attempts=%d successes=%d failures=%d abandoned=0',
+		3 * $n, $n, 3 * $n, 2 * $n, $n, 2 * $n, 2 * $n, $n, $n),
+	"$clients clients x $tx transactions: every counter adds up exactly");
+is( q1(
+		q{SELECT string_agg(path || ' ' || error_code || '=' || count, ', ' ORDER BY path, error_code)
+		FROM taptalk_stats_errors WHERE count <> 0}),
+	"batch 50000=$n, single HTTP_ERROR=$n",
+	'the failures by error_code');
+is( q1(
+		q{SELECT bool_and((SELECT sum(c) FROM unnest(latency_buckets) c) = requests)
+		FROM taptalk_stats}),
+	't', 'the latency histograms hold every request');
+my $attempts = q1('SELECT sum(attempts) FROM taptalk_stats');
+is($mock->count($mock_mark, 'request'), $attempts,
+	'the mock received as many requests as were counted');
+is($mock->count($mock_mark, 'connection'),
+	q1('SELECT sum(connections) FROM taptalk_stats'),
+	'and accepted as many connections as were counted');
+
+# ---------------------------------------------------------------- crash
+# a request that waits 60 s at the mock; its backend is killed meanwhile
+my $bg = $node->background_psql('postgres', on_error_stop => 0);
+$bg->query_until(qr/started/,
+	"\\echo started\nSELECT * FROM taptalk_auth_ticket(req('fault-slow-60000'));\n");
+my $pid;
+for (1 .. 500)
+{
+	$pid = q1("SELECT pid FROM pg_stat_activity WHERE state = 'active' "
+		  . "AND query LIKE '%fault-slow-60000%' AND pid <> pg_backend_pid()");
+	last if $pid;
+	usleep(10_000);
+}
+ok($pid, 'a request is in flight');
+ok(kill('KILL', $pid), 'its backend is killed with SIGKILL');
+$bg->quit;
+
+# the postmaster restarts the cluster; wait until it accepts connections
+my $up = 0;
+for (1 .. 300)
+{
+	my ($rc) = $node->psql('postgres', 'SELECT 1');
+	if ($rc == 0)
+	{
+		$up = 1;
+		last;
+	}
+	usleep(100_000);
+}
+ok($up, 'the server is back after the crash restart');
+ok($node->log_contains('all server processes terminated; reinitializing', $log_mark),
+	'the server did restart');
+is( q1(
+		q{SELECT string_agg(format('%s %s %s', path, requests + rejected + attempts, failures), ', ' ORDER BY path)
+		FROM taptalk_stats}),
+	'batch 0 0, single 0 0',
+	'the views are readable; the counters start again at zero');
+is(q1('SELECT count(*) FROM taptalk_stats_errors'), 18, 'taptalk_stats_errors is readable');
+is(q1('SELECT count(*) FROM taptalk_stats_latency'), 28, 'taptalk_stats_latency is readable');
+is(q1("SELECT user_id FROM taptalk_auth_ticket(req('after-crash'))"),
+	'tt-after-crash', 'a call works after the restart');
+is(q1("SELECT requests || ' ' || successes FROM taptalk_stats WHERE path = 'single'"),
+	'1 1', 'and is counted');
+
+$node->stop;
+$mock->stop;
+done_testing();
