@@ -458,6 +458,26 @@ class Connection:
         except (OSError, ssl.SSLError):
             raise ClientGone()
 
+    def tls_hello(self):
+        """On a plain port, a TLS client's first bytes (a handshake record,
+        0x16) are held unanswered until the client goes away or IO_TIMEOUT
+        passes: a server that stalls the handshake.  Parsing them as HTTP
+        would answer whenever the random bytes of the ClientHello happen to
+        hold an empty line.  Returns True when the connection was such a
+        client."""
+        try:
+            self.recv_more()
+        except ClientGone:
+            return True
+        if self.buf[:1] != b"\x16":
+            return False
+        try:
+            while self.sock.recv(65536):
+                pass
+        except (OSError, ssl.SSLError):
+            pass
+        return True
+
     def read_head(self):
         """Return the header block (bytes) or None on clean EOF."""
         scan = 0
@@ -669,6 +689,8 @@ class Connection:
         try:
             self.sock.settimeout(IO_TIMEOUT)
         except OSError:
+            return
+        if not self.tls and self.tls_hello():
             return
         while True:
             try:
