@@ -124,15 +124,6 @@ taptalk_worker_init(void)
 {
 	BackgroundWorker worker;
 
-	DefineCustomStringVariable("taptalk.database",
-							   "Sets the database whose request queue the background worker sends.",
-							   "The extension must be installed there.",
-							   &taptalk_database,
-							   "postgres",
-							   PGC_POSTMASTER,
-							   0,
-							   NULL, NULL, NULL);
-
 	DefineCustomIntVariable("taptalk.worker_concurrency",
 							"Sets the maximum number of queued requests the background worker has in flight at once.",
 							NULL,
@@ -151,8 +142,21 @@ taptalk_worker_init(void)
 							0,
 							NULL, NULL, NULL);
 
+	/*
+	 * Without preloading there is no worker, and a PGC_POSTMASTER setting
+	 * cannot be defined after the server started.
+	 */
 	if (!process_shared_preload_libraries_in_progress)
 		return;
+
+	DefineCustomStringVariable("taptalk.database",
+							   "Sets the database whose request queue the background worker sends.",
+							   "The extension must be installed there.",
+							   &taptalk_database,
+							   "postgres",
+							   PGC_POSTMASTER,
+							   0,
+							   NULL, NULL, NULL);
 
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = worker_shmem_request;
