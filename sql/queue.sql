@@ -6,9 +6,14 @@
 --
 
 -- the table is LOGGED and granted to nobody; the view is readable by all
-SELECT relname, relkind, relpersistence, relacl
-FROM pg_class
-WHERE relname IN ('taptalk_queue', 'taptalk_queue_id_seq', 'taptalk_requests')
+-- (the grants to roles other than the owner)
+SELECT c.relname, c.relkind, c.relpersistence,
+	   ARRAY(SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END
+					|| ' ' || a.privilege_type
+			 FROM aclexplode(c.relacl) a
+			 WHERE a.grantee <> c.relowner ORDER BY 1) AS grants
+FROM pg_class c
+WHERE c.relname IN ('taptalk_queue', 'taptalk_queue_id_seq', 'taptalk_requests')
 ORDER BY 1;
 
 -- the table's columns: there is no column for the ticket
