@@ -14,6 +14,10 @@
 #   error goes to callback_error, the result is kept.
 # - Crash: 50 slow requests (the mock's /delay/400), an immediate shutdown while they are in
 #   flight, a restart: all 50 end succeeded, each seen at least once.
+# - kill -9 of the worker: the same; a fast shutdown with requests in
+#   flight takes less than 2 s.
+# - A prepared transaction's enqueue is sent after COMMIT PREPARED (found
+#   by the worker's poll).
 # - Without the extension in its database the worker waits and says so;
 #   after CREATE EXTENSION it works.
 use strict;
@@ -31,7 +35,9 @@ my $node = TaptalkTest::node(
 	'queue',
 	mock    => $mock,
 	helpers => 1,
-	conf    => 'taptalk.max_attempts = 3');
+	conf    => "taptalk.max_attempts = 3\nmax_prepared_transactions = 5\n"
+	  # PostgreSQL::Test::Cluster turns it off; the kill -9 test needs it
+	  . "restart_after_crash = on");
 
 sub q1 { return $node->safe_psql($_[1] // 'postgres', $_[0]); }
 
@@ -116,6 +122,19 @@ is($mock->count($mark, 'request', undef, qr/q-rolled-back/),
 is(q1("SELECT count(*) FROM taptalk_queue WHERE request->>'xcUserID' = 'q-rolled-back'"),
 	0, 'and left nothing in the queue');
 
+# ------------------------------------------------- prepared transaction
+$mark = $mock->log_mark;
+q1(q{BEGIN; SELECT taptalk_enqueue(req('q-prepared')); PREPARE TRANSACTION 'p1'});
+usleep(1_000_000);
+is($mock->count($mark, 'request', undef, qr/q-prepared/),
+	0, 'a prepared enqueue sends nothing');
+q1(q{COMMIT PREPARED 'p1'});
+# no commit callback runs for COMMIT PREPARED: the worker's poll finds it
+ok( $node->poll_query_until('postgres',
+		"SELECT state = 'succeeded' FROM taptalk_queue WHERE request->>'xcUserID' = 'q-prepared'"),
+	'after COMMIT PREPARED the request is sent');
+is($mock->count($mark, 'request', undef, qr/q-prepared/), 1, 'once');
+
 # ------------------------------------------------------------- retries
 $mark = $mock->log_mark;
 q1(q{
@@ -188,6 +207,39 @@ $mock->scan_log($mark,
 is(scalar(keys %seen), 50, 'the mock saw each of them at least once');
 ok($node->log_contains(qr/requests left in state "sending" are queued again/),
 	'the restarted worker queued the requests in flight again');
+
+# kill -9 of the worker: the server restarts (restart_after_crash), the
+# worker queues its requests again
+$mark = $mock->log_mark;
+my $log_mark = -s $node->logfile;
+q1(q{SELECT taptalk_enqueue(req('q-k' || i)) FROM generate_series(1, 20) i});
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) > 0 FROM taptalk_queue WHERE state = 'sending'"),
+	'requests in flight again');
+my $worker_pid = q1("SELECT pid FROM pg_stat_activity WHERE backend_type = 'taptalk worker'");
+ok($worker_pid && kill('KILL', $worker_pid), 'the worker is killed with SIGKILL');
+ok($node->wait_for_log(qr/all server processes terminated; reinitializing/, $log_mark),
+	'the server restarts');
+drained('after kill -9 of the worker');
+is( q1(q{SELECT count(*) FROM taptalk_queue
+		WHERE request->>'xcUserID' LIKE 'q-k%' AND state = 'succeeded'}),
+	20, 'all 20 requests succeeded after the kill');
+%seen = ();
+$mock->scan_log($mark,
+	sub { $seen{$1}++ if $_[0] =~ /^\{"event":"request".*?(q-k\d+)/ });
+is(scalar(keys %seen), 20, 'the mock saw each of them at least once');
+
+# a fast shutdown with requests in flight is quick: the worker stops at once
+q1(q{SELECT taptalk_enqueue(req('q-f' || i)) FROM generate_series(1, 40) i});
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) > 0 FROM taptalk_queue WHERE state = 'sending'"),
+	'requests in flight at shutdown');
+my $t1 = time;
+$node->stop('fast');
+cmp_ok(time - $t1, '<', 2, 'a fast shutdown with requests in flight takes less than 2 s');
+$node->start;
+drained('after the fast shutdown');
+
 q1('ALTER SYSTEM RESET taptalk.base_url');
 q1('SELECT pg_reload_conf()');
 
@@ -208,9 +260,14 @@ ok( $node->poll_query_until('postgres',
 	'after CREATE EXTENSION the worker sends again');
 is(q1("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'taptalk worker'"),
 	1, 'the worker still runs');
-ok( !$node->log_contains(
-		qr/background worker "taptalk worker" \(PID \d+\) exited with exit code 1/),
-	'the worker never exited with an error');
+# every worker's ERROR and FATAL lines, but for the shutdown's
+my $log = slurp_file($node->logfile);
+my %workers = map { $_ => 1 } ($log =~ /\[(\d+)\] LOG:  taptalk worker started/g);
+my @errors = grep {
+	/\[(\d+)\] (?:ERROR|FATAL):/ && $workers{$1}
+	  && !/terminating background worker "taptalk worker" due to administrator command/
+} split /\n/, $log;
+is(join("\n", @errors), '', 'the worker never failed');
 
 $node->stop;
 $mock->stop;
