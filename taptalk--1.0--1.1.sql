@@ -109,6 +109,9 @@ CREATE TABLE taptalk_queue (
 CREATE INDEX taptalk_queue_pending ON taptalk_queue (next_attempt_at)
 	WHERE state IN ('queued', 'sending');
 CREATE INDEX taptalk_queue_enqueued_by ON taptalk_queue (enqueued_by);
+-- what the worker removes after taptalk.retention
+CREATE INDEX taptalk_queue_succeeded ON taptalk_queue (finished_at)
+	WHERE state = 'succeeded';
 
 REVOKE ALL ON taptalk_queue FROM PUBLIC;
 REVOKE ALL ON SEQUENCE taptalk_queue_id_seq FROM PUBLIC;

@@ -48,6 +48,7 @@ PGDLLEXPORT void taptalk_worker_main(Datum main_arg);
 char	   *taptalk_database = NULL;
 int			taptalk_worker_concurrency = 32;
 int			taptalk_max_attempts = 8;
+int			taptalk_retention_s = 86400;
 
 /* the idle worker looks at the queue at least this often */
 #define POLL_MS 5000
@@ -56,6 +57,9 @@ int			taptalk_max_attempts = 8;
 /* first retry after about this long, doubling, at most BACKOFF_MAX_MS */
 #define BACKOFF_BASE_MS 1000
 #define BACKOFF_MAX_MS (5 * 60 * 1000)
+/* succeeded requests removed per statement, and how often at most */
+#define RETENTION_BATCH 1000
+#define RETENTION_EVERY_MS 60000
 /* a claimed request's lease: taptalk.timeout plus this */
 #define LEASE_MARGIN_MS 60000
 
@@ -140,6 +144,16 @@ taptalk_worker_init(void)
 							8, 1, 100,
 							PGC_SIGHUP,
 							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("taptalk.retention",
+							"Sets how long the queue keeps succeeded requests.",
+							"The background worker removes them after that time; "
+							"0 keeps them. Failed requests are kept.",
+							&taptalk_retention_s,
+							86400, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	/*
@@ -271,14 +285,47 @@ find_extension(char **table, Oid *result_type)
 }
 
 /*
+ * Remove succeeded requests older than taptalk.retention, a batch at a
+ * time: at most every RETENTION_EVERY_MS (or taptalk.retention, when
+ * shorter) while the queue is idle, at once again after a full batch.
+ */
+static uint64
+remove_old(const char *table, TimestampTz *last)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Oid			argtypes[2] = {INT4OID, INT4OID};
+	Datum		args[2];
+
+	if (taptalk_retention_s <= 0 ||
+		!TimestampDifferenceExceeds(*last, now,
+									(int) Min((int64) RETENTION_EVERY_MS,
+											  (int64) taptalk_retention_s * 1000)))
+		return 0;
+	*last = now;
+	args[0] = Int32GetDatum(taptalk_retention_s);
+	args[1] = Int32GetDatum(RETENTION_BATCH);
+	spi_check(SPI_execute_with_args(psprintf("DELETE FROM %s WHERE id IN (SELECT id FROM %s"
+											 " WHERE state = 'succeeded'"
+											 "  AND finished_at < pg_catalog.now() - $1 * interval '1 second'"
+											 " LIMIT $2 FOR UPDATE SKIP LOCKED)",
+											 table, table),
+									2, argtypes, args, NULL, false, 0),
+			  SPI_OK_DELETE);
+	if (SPI_processed == RETENTION_BATCH)
+		*last = 0;				/* more to do: again next round */
+	return SPI_processed;
+}
+
+/*
  * Claim up to taptalk.worker_concurrency due requests into `round`.  When
  * none is due, *wait_ms is how long until one is (at most POLL_MS).
  * Returns false when the extension is not installed.
  */
 static bool
-claim(Round *round, bool *rescued, char **table_out, Oid *result_type,
-	  long *wait_ms)
+claim(Round *round, bool *rescued, TimestampTz *last_cleanup,
+	  char **table_out, Oid *result_type, long *wait_ms)
 {
+	bool		wrote = false;
 	char	   *table;
 	Oid			argtypes[2] = {INT4OID, INT4OID};
 	Datum		args[2];
@@ -345,6 +392,11 @@ claim(Round *round, bool *rescued, char **table_out, Oid *result_type,
 	*wait_ms = POLL_MS;
 	if (round->count == 0)
 	{
+		uint64		removed = remove_old(table, last_cleanup);
+
+		wrote = removed > 0;
+		if (removed == RETENTION_BATCH)
+			*wait_ms = 10;		/* more to remove */
 		spi_check(SPI_execute(psprintf("SELECT pg_catalog.ceil(1000 * extract(epoch FROM"
 									   " LEAST(min(next_attempt_at) FILTER (WHERE state = 'queued'),"
 									   "  min(lease_until) FILTER (WHERE state = 'sending'))"
@@ -359,12 +411,13 @@ claim(Round *round, bool *rescued, char **table_out, Oid *result_type,
 										  SPI_tuptable->tupdesc, 1, &isnull);
 
 			if (!isnull)
-				*wait_ms = (long) Max(Min(DatumGetFloat8(d), (double) POLL_MS), 10.0);
+				*wait_ms = Min(*wait_ms,
+							   (long) Max(Min(DatumGetFloat8(d), (double) POLL_MS), 10.0));
 		}
 	}
 
 	*table_out = MemoryContextStrdup(round->cxt, table);
-	end_step(round->count > 0);
+	end_step(wrote || round->count > 0);
 	return true;
 }
 
@@ -639,6 +692,7 @@ taptalk_worker_main(Datum main_arg)
 {
 	Round		round;
 	bool		rescued = false;
+	TimestampTz last_cleanup = 0;
 	bool		said_missing = false;
 	bool		said_unconfigured = false;
 
@@ -696,7 +750,7 @@ taptalk_worker_main(Datum main_arg)
 		said_unconfigured = false;
 
 		MemoryContextReset(round.cxt);
-		if (!claim(&round, &rescued, &table, &result_type, &wait_ms))
+		if (!claim(&round, &rescued, &last_cleanup, &table, &result_type, &wait_ms))
 		{
 			if (!said_missing)
 				ereport(LOG,

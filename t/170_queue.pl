@@ -18,6 +18,7 @@
 #   flight takes less than 2 s.
 # - A prepared transaction's enqueue is sent after COMMIT PREPARED (found
 #   by the worker's poll).
+# - Succeeded requests are removed after taptalk.retention, failed ones kept.
 # - Without the extension in its database the worker waits and says so;
 #   after CREATE EXTENSION it works.
 use strict;
@@ -241,6 +242,17 @@ $node->start;
 drained('after the fast shutdown');
 
 q1('ALTER SYSTEM RESET taptalk.base_url');
+q1('SELECT pg_reload_conf()');
+
+# ------------------------------------------------------------ retention
+q1("ALTER SYSTEM SET taptalk.retention = '1s'");
+q1('SELECT pg_reload_conf()');
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM taptalk_queue WHERE state = 'succeeded'"),
+	'succeeded requests are removed after taptalk.retention');
+is(q1("SELECT count(*) FROM taptalk_queue WHERE state = 'failed'"),
+	3, 'failed requests are kept');
+q1('ALTER SYSTEM RESET taptalk.retention');
 q1('SELECT pg_reload_conf()');
 
 # -------------------------------------------------- no extension, then one
