@@ -185,6 +185,7 @@ is(q1("SELECT count(*) FROM cb_calls WHERE error_code = 'boom'"),
 # ------------------------------------------------- the ticket is nowhere
 is(q1("SELECT count(*) FROM taptalk_queue q WHERE q::text LIKE '%ticket-%'"),
 	0, 'no row of the queue holds a ticket');
+ok(!$node->log_contains(qr/ticket-q-/), 'no ticket in the server log');
 
 # ------------------------------------------------------------- a crash
 # the mock answers after 400 ms, so that requests are in flight
