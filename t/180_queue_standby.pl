@@ -4,7 +4,8 @@
 # database app, which only the standby's worker is configured for.  While
 # the standby is in recovery its worker does not run and nothing is sent,
 # though the requests are there; taptalk_auth_ticket works on it (it writes
-# nothing).  After promotion the worker starts and drains the queue.
+# nothing).  After promotion the worker starts and drains the queue.  The
+# extension in app was created at 1.0 and updated to 1.1.
 use strict;
 use warnings;
 
@@ -20,7 +21,9 @@ my $mock    = TaptalkTest::Mock->start;
 my $primary = TaptalkTest::node('primary', mock => $mock,
 	conf => "wal_level = replica\nmax_wal_senders = 4");
 $primary->safe_psql('postgres', 'CREATE DATABASE app');
-$primary->safe_psql('app', 'CREATE EXTENSION taptalk');
+# installed at 1.0 and updated: the queue of an updated database works
+$primary->safe_psql('app',
+	"CREATE EXTENSION taptalk VERSION '1.0'; ALTER EXTENSION taptalk UPDATE TO '1.1'");
 TaptalkTest::create_helpers($primary, 'app');
 
 $primary->backup('backup');
