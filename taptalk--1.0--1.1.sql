@@ -4,7 +4,8 @@
 \echo Use "ALTER EXTENSION taptalk UPDATE TO '1.1'" to load this file. \quit
 
 -- Statistics, kept in shared memory (taptalk must be preloaded), one row per
--- path: 'single' (taptalk_auth_ticket) and 'batch' (taptalk_auth_tickets).
+-- path: 'single' (taptalk_auth_ticket), 'batch' (taptalk_auth_tickets) and
+-- 'queue' (the background worker that sends taptalk_enqueue()'s requests).
 -- The columns are described in README.md, "Monitoring".
 CREATE FUNCTION taptalk_stats(
 	OUT path text,
@@ -78,3 +79,73 @@ GRANT EXECUTE ON FUNCTION taptalk_stats() TO pg_monitor;
 GRANT EXECUTE ON FUNCTION taptalk_stats_errors() TO pg_monitor;
 GRANT EXECUTE ON FUNCTION taptalk_stats_latency() TO pg_monitor;
 GRANT SELECT ON taptalk_stats, taptalk_stats_errors, taptalk_stats_latency TO pg_monitor;
+
+-- The queue: requests enqueued with taptalk_enqueue() and sent by the
+-- background worker outside the enqueuing transaction (README.md,
+-- "Provisioning through the queue").  The table is LOGGED, so a committed
+-- request survives a crash.  It never holds a ticket: the ticket goes to the
+-- request's callback only.  Nobody but its owner reads or writes the table;
+-- roles see their own requests through the view taptalk_requests.
+CREATE TABLE taptalk_queue (
+	id bigserial PRIMARY KEY,
+	enqueued_at timestamptz NOT NULL DEFAULT now(),
+	enqueued_by regrole NOT NULL,
+	request jsonb NOT NULL,
+	callback regprocedure,
+	state text NOT NULL DEFAULT 'queued'
+		CHECK (state IN ('queued', 'sending', 'succeeded', 'failed')),
+	attempts integer NOT NULL DEFAULT 0,
+	next_attempt_at timestamptz NOT NULL DEFAULT now(),
+	lease_until timestamptz,
+	finished_at timestamptz,
+	user_id text,
+	error_code text,
+	error_field text,
+	error_message text,
+	callback_error text
+);
+
+-- what the worker looks for: due requests and expired leases
+CREATE INDEX taptalk_queue_pending ON taptalk_queue (next_attempt_at)
+	WHERE state IN ('queued', 'sending');
+CREATE INDEX taptalk_queue_enqueued_by ON taptalk_queue (enqueued_by);
+-- what the worker removes after taptalk.retention
+CREATE INDEX taptalk_queue_succeeded ON taptalk_queue (finished_at)
+	WHERE state = 'succeeded';
+
+REVOKE ALL ON taptalk_queue FROM PUBLIC;
+REVOKE ALL ON SEQUENCE taptalk_queue_id_seq FROM PUBLIC;
+
+CREATE FUNCTION taptalk_enqueue(request jsonb, callback regprocedure DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'taptalk_enqueue'
+LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION taptalk_enqueue(jsonb, regprocedure) IS
+'queue a request for a TapTalk auth ticket, sent by the background worker after COMMIT';
+
+CREATE FUNCTION taptalk_requeue(ids bigint[])
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'taptalk_requeue'
+LANGUAGE C STRICT VOLATILE;
+
+COMMENT ON FUNCTION taptalk_requeue(bigint[]) IS
+'put failed requests back in the queue with a fresh attempt count';
+
+-- Each role sees the requests it enqueued; superusers see all.  The view's
+-- owner reads the table, so granting SELECT on the view is enough.
+CREATE VIEW taptalk_requests WITH (security_barrier) AS
+	SELECT q.*
+	FROM taptalk_queue q
+	WHERE q.enqueued_by::oid =
+		  (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+	   OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);
+
+REVOKE EXECUTE ON FUNCTION taptalk_enqueue(jsonb, regprocedure) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION taptalk_requeue(bigint[]) FROM PUBLIC;
+REVOKE ALL ON taptalk_requests FROM PUBLIC;
+GRANT SELECT ON taptalk_requests TO PUBLIC;
+
+-- pg_dump keeps the queue's rows (requests not yet sent must not be lost)
+SELECT pg_catalog.pg_extension_config_dump('taptalk_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('taptalk_queue_id_seq', '');

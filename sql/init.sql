@@ -6,8 +6,8 @@
 CREATE EXTENSION taptalk;
 CREATE EXTENSION dblink;
 
--- the extension's members (array types and views' row types are left out:
--- PostgreSQL 18 records them as members too, 15 does not)
+-- the extension's members (array types and the row types of views and
+-- tables are left out: PostgreSQL 18 records them as members too, 15 does not)
 SELECT pg_describe_object(classid, objid, objsubid) AS member
 FROM pg_depend
 WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
@@ -15,7 +15,7 @@ WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
   AND NOT (classid = 'pg_type'::regclass
            AND objid IN (SELECT t.oid FROM pg_type t
                          LEFT JOIN pg_class c ON c.oid = t.typrelid
-                         WHERE t.typcategory = 'A' OR c.relkind = 'v'))
+                         WHERE t.typcategory = 'A' OR c.relkind IN ('v', 'r')))
 ORDER BY 1;
 
 -- the result type, column by column, in the specified order

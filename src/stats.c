@@ -41,6 +41,7 @@
 static const char *const path_names[TAPTALK_NUM_PATHS] = {
 	[TAPTALK_PATH_SINGLE] = "single",
 	[TAPTALK_PATH_BATCH] = "batch",
+	[TAPTALK_PATH_QUEUE] = "queue",
 };
 
 /* error_code buckets, in the order taptalk_stats_errors shows them */

@@ -230,6 +230,8 @@ _PG_init(void)
 	prev_emit_log_hook = emit_log_hook;
 	emit_log_hook = redact_secret_hook;
 
+	taptalk_worker_init();
+
 #if PG_VERSION_NUM >= 150000
 	MarkGUCPrefixReserved("taptalk");
 #else

@@ -84,13 +84,15 @@ extern char *taptalk_convert_encoding(const char *text, int len, int src,
 
 /*
  * The paths a request can take, each with its own statistics (stats.c):
- * taptalk_auth_ticket and taptalk_auth_tickets.  A new path is one more
+ * taptalk_auth_ticket, taptalk_auth_tickets and the queue's background
+ * worker.  A new path is one more
  * entry here and its name in stats.c.
  */
 typedef enum TaptalkPath
 {
 	TAPTALK_PATH_SINGLE,
 	TAPTALK_PATH_BATCH,
+	TAPTALK_PATH_QUEUE,
 	TAPTALK_NUM_PATHS
 } TaptalkPath;
 
@@ -128,5 +130,19 @@ extern void taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
 								  taptalk_done_fn done, void *arg,
 								  int concurrency);
 extern void taptalk_transport_shutdown(void);
+
+/* queue.c */
+extern void taptalk_queue_check_callback(Oid callback, Oid roleid,
+										 Oid result_type);
+extern void taptalk_queue_call_callback(Oid callback, int64 id,
+										Jsonb *request,
+										const TaptalkResult *result,
+										Oid result_type);
+
+/* worker.c */
+extern int	taptalk_worker_concurrency;
+extern int	taptalk_max_attempts;
+extern void taptalk_worker_init(void);
+extern void taptalk_worker_wake(void);
 
 #endif							/* TAPTALK_H */

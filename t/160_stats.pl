@@ -59,7 +59,7 @@ is(q1($members, 'upgrade'), q1($members),
 is(q1($acls, 'upgrade'), q1($acls),
 	'and the same privileges on the statistics');
 is(q1('SELECT count(*) FROM taptalk_stats', 'upgrade'),
-	2, 'its views read the same statistics');
+	3, 'its views read the same statistics');
 
 # ---------------------------------------------------------------- pgbench
 my $clients = 8;
@@ -98,6 +98,7 @@ is( q1(
 		FROM taptalk_stats}),
 	sprintf(
 		'batch: requests=%d rejected=%d attempts=%d successes=%d failures=%d abandoned=0; '
+		  . 'queue: requests=0 rejected=0 attempts=0 successes=0 failures=0 abandoned=0; '
 		  . 'single: requests=%d rejected=0 attempts=%d successes=%d failures=%d abandoned=0',
 		3 * $n, $n, 3 * $n, 2 * $n, $n, 2 * $n, 2 * $n, $n, $n),
 	"$clients clients x $tx transactions: every counter adds up exactly");
@@ -152,10 +153,10 @@ ok($node->log_contains('all server processes terminated; reinitializing', $log_m
 is( q1(
 		q{SELECT string_agg(format('%s %s %s', path, requests + rejected + attempts, failures), ', ' ORDER BY path)
 		FROM taptalk_stats}),
-	'batch 0 0, single 0 0',
+	'batch 0 0, queue 0 0, single 0 0',
 	'the views are readable; the counters start again at zero');
-is(q1('SELECT count(*) FROM taptalk_stats_errors'), 18, 'taptalk_stats_errors is readable');
-is(q1('SELECT count(*) FROM taptalk_stats_latency'), 28, 'taptalk_stats_latency is readable');
+is(q1('SELECT count(*) FROM taptalk_stats_errors'), 27, 'taptalk_stats_errors is readable');
+is(q1('SELECT count(*) FROM taptalk_stats_latency'), 42, 'taptalk_stats_latency is readable');
 is(q1("SELECT user_id FROM taptalk_auth_ticket(req('after-crash'))"),
 	'tt-after-crash', 'a call works after the restart');
 is(q1("SELECT requests || ' ' || successes FROM taptalk_stats WHERE path = 'single'"),

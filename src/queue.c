@@ -1,0 +1,386 @@
+/*-------------------------------------------------------------------------
+ *
+ * queue.c
+ *	  The SQL side of the request queue: taptalk_enqueue and taptalk_requeue,
+ *	  the checks on a request's callback, the call of a callback, and the
+ *	  wake-up of the background worker (worker.c) when an enqueuing
+ *	  transaction commits.
+ *
+ * The queue table belongs to the extension's owner and is granted to
+ * nobody: these functions check the caller's right to what they do, then
+ * write the table as its owner, with a safe search_path.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_namespace.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/regproc.h"
+#include "utils/syscache.h"
+#include "utils/typcache.h"
+
+#include "taptalk.h"
+
+PG_FUNCTION_INFO_V1(taptalk_enqueue);
+PG_FUNCTION_INFO_V1(taptalk_requeue);
+
+#define RESULT_TYPE_NAME "taptalk_auth_ticket_result"
+#define QUEUE_TABLE_NAME "taptalk_queue"
+
+/* whether this transaction enqueued a request: wake the worker at commit */
+static bool wake_at_commit = false;
+static bool xact_callback_registered = false;
+
+static void
+queue_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			/* the requests are durable now; this must not raise */
+			if (wake_at_commit)
+				taptalk_worker_wake();
+			wake_at_commit = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			/* a prepared transaction's requests are found by the poll */
+			wake_at_commit = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * Raise unless `callback` is a function (request_id bigint, request jsonb,
+ * result taptalk_auth_ticket_result) that `roleid` may execute.
+ */
+void
+taptalk_queue_check_callback(Oid callback, Oid roleid, Oid result_type)
+{
+	HeapTuple	tup;
+	Form_pg_proc proc;
+	bool		ok;
+	AclResult	acl;
+
+	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(callback));
+	if (!HeapTupleIsValid(tup))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("callback function with OID %u does not exist",
+						callback)));
+	proc = (Form_pg_proc) GETSTRUCT(tup);
+	ok = proc->prokind == PROKIND_FUNCTION &&
+		!proc->proretset &&
+		proc->pronargs == 3 &&
+		proc->proargtypes.values[0] == INT8OID &&
+		proc->proargtypes.values[1] == JSONBOID &&
+		proc->proargtypes.values[2] == result_type;
+	ReleaseSysCache(tup);
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("callback %s does not have the signature of a taptalk callback",
+						format_procedure(callback)),
+				 errhint("A callback is a function (request_id bigint, request jsonb, result %s) that returns no set.",
+						 RESULT_TYPE_NAME)));
+
+#if PG_VERSION_NUM >= 160000
+	acl = object_aclcheck(ProcedureRelationId, callback, roleid, ACL_EXECUTE);
+#else
+	acl = pg_proc_aclcheck(callback, roleid, ACL_EXECUTE);
+#endif
+	if (acl != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for callback %s",
+						format_procedure(callback)),
+				 errdetail("Role \"%s\" may not execute it.",
+						   GetUserNameFromId(roleid, false))));
+}
+
+/*
+ * Call a callback with a request's outcome, as the current user; what it
+ * returns is ignored.  The result row is the only place a ticket goes.
+ */
+void
+taptalk_queue_call_callback(Oid callback, int64 id, Jsonb *request,
+							const TaptalkResult *result, Oid result_type)
+{
+	TupleDesc	tupdesc;
+	Datum		values[5];
+	bool		nulls[5];
+	const char *cols[5];
+	HeapTuple	tuple;
+	FmgrInfo	flinfo;
+	LOCAL_FCINFO(fcinfo, 3);
+
+	cols[0] = result->user_id;
+	cols[1] = result->ticket;
+	cols[2] = result->error_code;
+	cols[3] = result->error_field;
+	cols[4] = result->error_message;
+	for (int i = 0; i < 5; i++)
+	{
+		nulls[i] = (cols[i] == NULL);
+		values[i] = cols[i] ? CStringGetTextDatum(cols[i]) : (Datum) 0;
+	}
+	tupdesc = lookup_rowtype_tupdesc(result_type, -1);
+	tuple = heap_form_tuple(tupdesc, values, nulls);
+	ReleaseTupleDesc(tupdesc);
+
+	fmgr_info(callback, &flinfo);
+	InitFunctionCallInfoData(*fcinfo, &flinfo, 3, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = Int64GetDatum(id);
+	fcinfo->args[0].isnull = false;
+	fcinfo->args[1].value = JsonbPGetDatum(request);
+	fcinfo->args[1].isnull = false;
+	fcinfo->args[2].value = HeapTupleGetDatum(tuple);
+	fcinfo->args[2].isnull = false;
+	(void) FunctionCallInvoke(fcinfo);
+}
+
+/* The extension's schema: the one this SQL function lives in. */
+static Oid
+own_namespace(FunctionCallInfo fcinfo)
+{
+	return get_func_namespace(fcinfo->flinfo->fn_oid);
+}
+
+/* The owner of the queue table in schema `nsp`. */
+static Oid
+queue_owner(Oid nsp)
+{
+	Oid			relid = get_relname_relid(QUEUE_TABLE_NAME, nsp);
+	HeapTuple	tup;
+	Oid			owner;
+
+	if (!OidIsValid(relid))
+		elog(ERROR, "taptalk queue table not found");
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for relation %u", relid);
+	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	ReleaseSysCache(tup);
+	return owner;
+}
+
+/*
+ * Run one statement on the queue table as its owner, with a safe
+ * search_path and under SECURITY_RESTRICTED_OPERATION; `sql` has %s where
+ * the schema-qualified table name goes.  Returns the first column of the
+ * first row (an int8), or 0 with no row.
+ */
+static int64
+run_as_owner(Oid nsp, const char *sql, int nargs, Oid *argtypes,
+			 Datum *args, const char *argnulls, bool count_rows)
+{
+	Oid			save_userid;
+	int			save_sec;
+	int			nestlevel;
+	char	   *table;
+	int			rc;
+	int64		out = 0;
+
+	table = quote_qualified_identifier(get_namespace_name(nsp),
+									   QUEUE_TABLE_NAME);
+
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(queue_owner(nsp),
+						   save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+
+	SPI_connect();
+	rc = SPI_execute_with_args(psprintf(sql, table), nargs, argtypes, args,
+							   argnulls, false, 0);
+	if (rc < 0)
+		elog(ERROR, "SPI_execute_with_args failed: %s", SPI_result_code_string(rc));
+	if (count_rows)
+		out = (int64) SPI_processed;
+	else if (SPI_processed > 0)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			out = DatumGetInt64(d);
+	}
+	SPI_finish();
+
+	AtEOXact_GUC(false, nestlevel);
+	SetUserIdAndSecContext(save_userid, save_sec);
+	return out;
+}
+
+/*
+ * taptalk_enqueue(request jsonb, callback regprocedure DEFAULT NULL)
+ *	  returns bigint
+ *
+ * Validates the request now, with taptalk_auth_ticket's rules, and stores
+ * it for the background worker, which sends it after this transaction
+ * commits.  A request that fails validation is stored already failed with
+ * its 40002 result, and its callback runs at once, in this transaction; a
+ * request that is not a JSON object raises, as taptalk_auth_ticket does.
+ * The callback must exist, have the signature of a callback, and be
+ * executable by the caller.  Returns the request's id.
+ */
+Datum
+taptalk_enqueue(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *request;
+	Oid			callback = PG_ARGISNULL(1) ? InvalidOid : PG_GETARG_OID(1);
+	Oid			nsp = own_namespace(fcinfo);
+	Oid			result_type;
+	Oid			caller = GetUserId();
+	TaptalkResult failure;
+	StringInfoData body;
+	bool		valid;
+	int64		id;
+	Oid			argtypes[7] = {OIDOID, JSONBOID, OIDOID, TEXTOID, TEXTOID,
+	TEXTOID, TEXTOID};
+	Datum		args[7];
+	char		argnulls[7];
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("taptalk request must not be null")));
+	request = PG_GETARG_JSONB_P(0);
+	if (!JB_ROOT_IS_OBJECT(request))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("taptalk request must be a JSON object, not %s",
+						taptalk_jsonb_root_kind(request)),
+				 errhint("Build the request with jsonb_build_object().")));
+
+	result_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
+								  CStringGetDatum(RESULT_TYPE_NAME),
+								  ObjectIdGetDatum(nsp));
+	if (!OidIsValid(result_type))
+		elog(ERROR, "type %s not found", RESULT_TYPE_NAME);
+	if (OidIsValid(callback))
+		taptalk_queue_check_callback(callback, caller, result_type);
+
+	memset(&failure, 0, sizeof(failure));
+	initStringInfo(&body);
+	valid = taptalk_build_request(request, &body, &failure);
+
+	memset(argnulls, ' ', sizeof(argnulls));
+	args[0] = ObjectIdGetDatum(caller);
+	args[1] = JsonbPGetDatum(request);
+	args[2] = ObjectIdGetDatum(callback);
+	if (!OidIsValid(callback))
+		argnulls[2] = 'n';
+	args[3] = CStringGetTextDatum(valid ? "queued" : "failed");
+	if (valid)
+	{
+		argnulls[4] = argnulls[5] = argnulls[6] = 'n';
+		args[4] = args[5] = args[6] = (Datum) 0;
+	}
+	else
+	{
+		args[4] = CStringGetTextDatum(failure.error_code);
+		if (failure.error_field)
+			args[5] = CStringGetTextDatum(failure.error_field);
+		else
+		{
+			args[5] = (Datum) 0;
+			argnulls[5] = 'n';
+		}
+		args[6] = CStringGetTextDatum(failure.error_message ? failure.error_message : "");
+	}
+
+	id = run_as_owner(nsp,
+					  "INSERT INTO %s (enqueued_by, request, callback, state,"
+					  " error_code, error_field, error_message, finished_at)"
+					  " VALUES ($1::pg_catalog.regrole, $2, $3::pg_catalog.regprocedure, $4,"
+					  " $5, $6, $7, CASE WHEN $4 = 'failed' THEN pg_catalog.now() END)"
+					  " RETURNING id",
+					  7, argtypes, args, argnulls, false);
+
+	if (valid)
+	{
+		if (!xact_callback_registered)
+		{
+			RegisterXactCallback(queue_xact_callback, NULL);
+			xact_callback_registered = true;
+		}
+		wake_at_commit = true;
+	}
+	else
+	{
+		taptalk_stats_rejected(TAPTALK_PATH_QUEUE);
+		/* nothing will be sent: the outcome is known, hand it over now */
+		if (OidIsValid(callback))
+			taptalk_queue_call_callback(callback, id, request, &failure,
+										result_type);
+	}
+
+	PG_RETURN_INT64(id);
+}
+
+/*
+ * taptalk_requeue(ids bigint[]) returns bigint
+ *
+ * Puts the failed requests among `ids` back in the queue with a fresh
+ * attempt count: the caller's own, or any for a superuser.  Returns how
+ * many were requeued; the others are left alone.
+ */
+Datum
+taptalk_requeue(PG_FUNCTION_ARGS)
+{
+	ArrayType  *ids = PG_GETARG_ARRAYTYPE_P(0);
+	Oid			nsp = own_namespace(fcinfo);
+	Oid			caller = GetUserId();
+	Oid			argtypes[3] = {INT8ARRAYOID, OIDOID, BOOLOID};
+	Datum		args[3];
+	int64		n;
+
+	args[0] = PointerGetDatum(ids);
+	args[1] = ObjectIdGetDatum(caller);
+	args[2] = BoolGetDatum(superuser_arg(caller));
+
+	n = run_as_owner(nsp,
+					 "UPDATE %s SET state = 'queued', attempts = 0,"
+					 " next_attempt_at = pg_catalog.now(), lease_until = NULL,"
+					 " finished_at = NULL, user_id = NULL, error_code = NULL,"
+					 " error_field = NULL, error_message = NULL,"
+					 " callback_error = NULL"
+					 " WHERE id = ANY ($1) AND state = 'failed'"
+					 " AND ($3 OR enqueued_by::pg_catalog.oid = $2)",
+					 3, argtypes, args, NULL, true);
+
+	if (n > 0)
+	{
+		if (!xact_callback_registered)
+		{
+			RegisterXactCallback(queue_xact_callback, NULL);
+			xact_callback_registered = true;
+		}
+		wake_at_commit = true;
+	}
+	PG_RETURN_INT64(n);
+}

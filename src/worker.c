@@ -1,0 +1,778 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The background worker that drains the request queue (taptalk_queue,
+ *	  filled by taptalk_enqueue in queue.c), its settings, and the bit of
+ *	  shared memory through which enqueuing backends wake it.
+ *
+ * Each round claims due requests in a short transaction (state 'sending',
+ * a lease, FOR UPDATE SKIP LOCKED), commits, sends them concurrently with
+ * no transaction open, then records every outcome in a second short
+ * transaction, where the callbacks run too, each as the role that enqueued
+ * its request.  A request left 'sending' by a worker or server that died is
+ * queued again when the worker starts, or when its lease expires: delivery
+ * is at least once.  On a standby the worker does not start until promotion.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_type.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "utils/wait_event.h"
+
+#include "taptalk.h"
+
+PGDLLEXPORT void taptalk_worker_main(Datum main_arg);
+
+char	   *taptalk_database = NULL;
+int			taptalk_worker_concurrency = 32;
+int			taptalk_max_attempts = 8;
+int			taptalk_retention_s = 86400;
+
+/* the idle worker looks at the queue at least this often */
+#define POLL_MS 5000
+/* and checks for the extension this often while it is missing */
+#define MISSING_POLL_MS 10000
+/* first retry after about this long, doubling, at most BACKOFF_MAX_MS */
+#define BACKOFF_BASE_MS 1000
+#define BACKOFF_MAX_MS (5 * 60 * 1000)
+/* succeeded requests removed per statement, and how often at most */
+#define RETENTION_BATCH 1000
+#define RETENTION_EVERY_MS 60000
+/* a claimed request's lease: taptalk.timeout plus this */
+#define LEASE_MARGIN_MS 60000
+
+/* shared state: the worker's latch, for the wake-up at commit */
+typedef struct WorkerShared
+{
+	Latch	   *latch;
+} WorkerShared;
+
+static WorkerShared *shared = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static uint32 wait_event_info = 0;
+
+/* one claimed request and, once finished, its result */
+typedef struct QueueItem
+{
+	int64		id;
+	Jsonb	   *request;
+	Oid			callback;
+	Oid			role;
+	int			attempts;
+	bool		finished;
+	TaptalkResult result;
+} QueueItem;
+
+typedef struct Round
+{
+	QueueItem  *items;
+	int			count;
+	int			next;
+	MemoryContext cxt;
+} Round;
+
+static void
+worker_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(WorkerShared)));
+}
+
+static void
+worker_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	shared = ShmemInitStruct("taptalk worker", sizeof(WorkerShared), &found);
+	if (!found)
+		shared->latch = NULL;
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Called from _PG_init: the worker's settings and, when the library is
+ * being preloaded, its shared memory and registration.
+ */
+void
+taptalk_worker_init(void)
+{
+	BackgroundWorker worker;
+
+	DefineCustomIntVariable("taptalk.worker_concurrency",
+							"Sets the maximum number of queued requests the background worker has in flight at once.",
+							NULL,
+							&taptalk_worker_concurrency,
+							32, 1, TAPTALK_MAX_CONCURRENCY,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("taptalk.max_attempts",
+							"Sets the maximum number of attempts at a queued request that failed in a way a retry may cure.",
+							"After that many attempts the request is failed.",
+							&taptalk_max_attempts,
+							8, 1, 100,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("taptalk.retention",
+							"Sets how long the queue keeps succeeded requests.",
+							"The background worker removes them after that time; "
+							"0 keeps them. Failed requests are kept.",
+							&taptalk_retention_s,
+							86400, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	/*
+	 * Without preloading there is no worker, and a PGC_POSTMASTER setting
+	 * cannot be defined after the server started.
+	 */
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	DefineCustomStringVariable("taptalk.database",
+							   "Sets the database whose request queue the background worker sends.",
+							   "The extension must be installed there.",
+							   &taptalk_database,
+							   "postgres",
+							   PGC_POSTMASTER,
+							   0,
+							   NULL, NULL, NULL);
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = worker_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = worker_shmem_startup;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
+		BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 10;
+	snprintf(worker.bgw_library_name, sizeof(worker.bgw_library_name),
+			 "taptalk");
+	snprintf(worker.bgw_function_name, sizeof(worker.bgw_function_name),
+			 "taptalk_worker_main");
+	snprintf(worker.bgw_name, sizeof(worker.bgw_name), "taptalk worker");
+	snprintf(worker.bgw_type, sizeof(worker.bgw_type), "taptalk worker");
+	RegisterBackgroundWorker(&worker);
+}
+
+/*
+ * Wake the worker: called at the commit of a transaction that enqueued.
+ * Never raises.
+ */
+void
+taptalk_worker_wake(void)
+{
+	Latch	   *latch;
+
+	if (shared == NULL)
+		return;
+	latch = ((volatile WorkerShared *) shared)->latch;
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+static void
+worker_forget_latch(int code, Datum arg)
+{
+	if (shared != NULL)
+		shared->latch = NULL;
+}
+
+/* Wait on the latch for at most `ms`; wakes on SIGTERM and SIGHUP too. */
+static void
+worker_wait(long ms)
+{
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					 Max(ms, 1), wait_event_info);
+	ResetLatch(MyLatch);
+	CHECK_FOR_INTERRUPTS();
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+	}
+}
+
+static void
+begin_step(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+static void
+end_step(bool wrote)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	if (wrote)
+		pgstat_report_stat(true);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+static void
+spi_check(int rc, int expected)
+{
+	if (rc != expected)
+		elog(ERROR, "SPI query failed: %s", SPI_result_code_string(rc));
+}
+
+/*
+ * Where the extension is: its schema's quoted name and the result type.
+ * Returns false when it is not installed.
+ */
+static bool
+find_extension(char **table, Oid *result_type)
+{
+	bool		isnull;
+
+	spi_check(SPI_execute("SELECT pg_catalog.quote_ident(n.nspname), t.oid"
+						  " FROM pg_catalog.pg_extension e"
+						  " JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"
+						  " JOIN pg_catalog.pg_type t ON t.typnamespace = e.extnamespace"
+						  "  AND t.typname = 'taptalk_auth_ticket_result'"
+						  " WHERE e.extname = 'taptalk'"
+						  "  AND pg_catalog.to_regclass(pg_catalog.quote_ident(n.nspname) || '.taptalk_queue') IS NOT NULL",
+						  true, 1), SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return false;
+	*table = psprintf("%s.taptalk_queue",
+					  SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1));
+	*result_type = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+												  SPI_tuptable->tupdesc, 2,
+												  &isnull));
+	return true;
+}
+
+/*
+ * Remove succeeded requests older than taptalk.retention, a batch at a
+ * time: at most every RETENTION_EVERY_MS (or taptalk.retention, when
+ * shorter) while the queue is idle, at once again after a full batch.
+ */
+static uint64
+remove_old(const char *table, TimestampTz *last)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Oid			argtypes[2] = {INT4OID, INT4OID};
+	Datum		args[2];
+
+	if (taptalk_retention_s <= 0 ||
+		!TimestampDifferenceExceeds(*last, now,
+									(int) Min((int64) RETENTION_EVERY_MS,
+											  (int64) taptalk_retention_s * 1000)))
+		return 0;
+	*last = now;
+	args[0] = Int32GetDatum(taptalk_retention_s);
+	args[1] = Int32GetDatum(RETENTION_BATCH);
+	spi_check(SPI_execute_with_args(psprintf("DELETE FROM %s WHERE id IN (SELECT id FROM %s"
+											 " WHERE state = 'succeeded'"
+											 "  AND finished_at < pg_catalog.now() - $1 * interval '1 second'"
+											 " LIMIT $2 FOR UPDATE SKIP LOCKED)",
+											 table, table),
+									2, argtypes, args, NULL, false, 0),
+			  SPI_OK_DELETE);
+	if (SPI_processed == RETENTION_BATCH)
+		*last = 0;				/* more to do: again next round */
+	return SPI_processed;
+}
+
+/*
+ * Claim up to taptalk.worker_concurrency due requests into `round`.  When
+ * none is due, *wait_ms is how long until one is (at most POLL_MS).
+ * Returns false when the extension is not installed.
+ */
+static bool
+claim(Round *round, bool *rescued, TimestampTz *last_cleanup,
+	  char **table_out, Oid *result_type, long *wait_ms)
+{
+	bool		wrote = false;
+	char	   *table;
+	Oid			argtypes[2] = {INT4OID, INT4OID};
+	Datum		args[2];
+
+	begin_step("claiming queued requests");
+	if (!find_extension(&table, result_type))
+	{
+		end_step(false);
+		return false;
+	}
+
+	/* requests a dead worker left behind go back to the queue */
+	if (!*rescued)
+	{
+		spi_check(SPI_execute(psprintf("UPDATE %s SET state = 'queued', lease_until = NULL"
+									   " WHERE state = 'sending'", table),
+							  false, 0), SPI_OK_UPDATE);
+		if (SPI_processed > 0)
+			ereport(LOG,
+					(errmsg("taptalk worker: %llu requests left in state \"sending\" are queued again",
+							(unsigned long long) SPI_processed)));
+		*rescued = true;
+	}
+
+	args[0] = Int32GetDatum(taptalk_worker_concurrency);
+	args[1] = Int32GetDatum(taptalk_timeout_ms + LEASE_MARGIN_MS);
+	spi_check(SPI_execute_with_args(psprintf("UPDATE %s q SET state = 'sending',"
+											 " lease_until = pg_catalog.now() + $2 * interval '1 millisecond',"
+											 " attempts = q.attempts + 1"
+											 " WHERE q.id IN (SELECT id FROM %s"
+											 "  WHERE (state = 'queued' AND next_attempt_at <= pg_catalog.now())"
+											 "   OR (state = 'sending' AND lease_until < pg_catalog.now())"
+											 "  ORDER BY id FOR UPDATE SKIP LOCKED LIMIT $1)"
+											 " RETURNING q.id, q.request, q.callback::pg_catalog.oid,"
+											 "  q.enqueued_by::pg_catalog.oid, q.attempts",
+											 table, table),
+									2, argtypes, args, NULL, false, 0),
+			  SPI_OK_UPDATE_RETURNING);
+
+	round->count = (int) SPI_processed;
+	round->next = 0;
+	round->items = MemoryContextAllocZero(round->cxt,
+										  sizeof(QueueItem) * Max(round->count, 1));
+	for (int i = 0; i < round->count; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		QueueItem  *item = &round->items[i];
+		bool		isnull;
+		Datum		d;
+		MemoryContext old;
+
+		item->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		d = SPI_getbinval(tup, desc, 2, &isnull);
+		old = MemoryContextSwitchTo(round->cxt);
+		item->request = DatumGetJsonbPCopy(d);
+		MemoryContextSwitchTo(old);
+		d = SPI_getbinval(tup, desc, 3, &isnull);
+		item->callback = isnull ? InvalidOid : DatumGetObjectId(d);
+		item->role = DatumGetObjectId(SPI_getbinval(tup, desc, 4, &isnull));
+		item->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+	}
+
+	*wait_ms = POLL_MS;
+	if (round->count == 0)
+	{
+		uint64		removed = remove_old(table, last_cleanup);
+
+		wrote = removed > 0;
+		if (removed == RETENTION_BATCH)
+			*wait_ms = 10;		/* more to remove */
+		spi_check(SPI_execute(psprintf("SELECT pg_catalog.ceil(1000 * extract(epoch FROM"
+									   " LEAST(min(next_attempt_at) FILTER (WHERE state = 'queued'),"
+									   "  min(lease_until) FILTER (WHERE state = 'sending'))"
+									   " - pg_catalog.clock_timestamp()))::pg_catalog.float8"
+									   " FROM %s WHERE state IN ('queued', 'sending')",
+									   table),
+							  true, 1), SPI_OK_SELECT);
+		if (SPI_processed == 1)
+		{
+			bool		isnull;
+			Datum		d = SPI_getbinval(SPI_tuptable->vals[0],
+										  SPI_tuptable->tupdesc, 1, &isnull);
+
+			if (!isnull)
+				*wait_ms = Min(*wait_ms,
+							   (long) Max(Min(DatumGetFloat8(d), (double) POLL_MS), 10.0));
+		}
+	}
+
+	*table_out = MemoryContextStrdup(round->cxt, table);
+	end_step(wrote || round->count > 0);
+	return true;
+}
+
+static void
+copy_result_to(MemoryContext cxt, TaptalkResult *dst, const TaptalkResult *src)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+
+	dst->user_id = src->user_id ? pstrdup(src->user_id) : NULL;
+	dst->ticket = src->ticket ? pstrdup(src->ticket) : NULL;
+	dst->error_code = src->error_code ? pstrdup(src->error_code) : NULL;
+	dst->error_field = src->error_field ? pstrdup(src->error_field) : NULL;
+	dst->error_message = src->error_message ? pstrdup(src->error_message) : NULL;
+	MemoryContextSwitchTo(old);
+}
+
+static TaptalkNext
+round_next(void *arg, int64 *id, StringInfo body)
+{
+	Round	   *round = (Round *) arg;
+
+	while (round->next < round->count)
+	{
+		int			i = round->next++;
+		QueueItem  *item = &round->items[i];
+		TaptalkResult failure;
+
+		memset(&failure, 0, sizeof(failure));
+		resetStringInfo(body);
+		/* checked at enqueue, but a row may have been written by hand */
+		if (!JB_ROOT_IS_OBJECT(item->request))
+			taptalk_set_error(&failure, TAPTALK_CODE_PARAM_FAILED, "",
+							  psprintf("Request must be a JSON object, not %s",
+									   taptalk_jsonb_root_kind(item->request)));
+		else if (taptalk_build_request(item->request, body, &failure))
+		{
+			*id = i;
+			return TAPTALK_NEXT_REQUEST;
+		}
+		taptalk_stats_rejected(TAPTALK_PATH_QUEUE);
+		copy_result_to(round->cxt, &item->result, &failure);
+		item->finished = true;
+	}
+	return TAPTALK_NEXT_NONE;
+}
+
+static void
+round_done(void *arg, int64 id, TaptalkResult *result)
+{
+	Round	   *round = (Round *) arg;
+	QueueItem  *item = &round->items[id];
+
+	copy_result_to(round->cxt, &item->result, result);
+	item->finished = true;
+}
+
+/* Send the claimed requests, with no transaction open. */
+static void
+send_round(Round *round)
+{
+	int			saved_retries = taptalk_max_retries;
+
+	pgstat_report_activity(STATE_RUNNING, "sending queued requests");
+	/* the queue retries with its own backoff, not within one attempt */
+	taptalk_max_retries = 0;
+	PG_TRY();
+	{
+		taptalk_transport_run(TAPTALK_PATH_QUEUE, round_next, round_done,
+							  round, Min(taptalk_worker_concurrency, round->count));
+	}
+	PG_FINALLY();
+	{
+		taptalk_max_retries = saved_retries;
+	}
+	PG_END_TRY();
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * Whether a failure may be cured by a later attempt: no answer in time, no
+ * connection, HTTP 429 or 5xx without TapTalk's envelope.
+ */
+static bool
+retryable(const TaptalkResult *result)
+{
+	const char *status;
+
+	if (result->error_code == NULL)
+		return false;
+	if (strcmp(result->error_code, TAPTALK_CODE_TIMEOUT) == 0 ||
+		strcmp(result->error_code, TAPTALK_CODE_CONNECTION_FAILED) == 0)
+		return true;
+	if (strcmp(result->error_code, TAPTALK_CODE_HTTP_ERROR) != 0)
+		return false;
+	/* "TapTalk answered HTTP status NNN ..." */
+	status = result->error_message ? strstr(result->error_message, "HTTP status ") : NULL;
+	if (status != NULL)
+	{
+		long		code = strtol(status + strlen("HTTP status "), NULL, 10);
+
+		return code == 429 || code >= 500;
+	}
+	return true;
+}
+
+/* Exponential backoff with jitter, in [d/2, d) for d = base * 2^(n-1). */
+static double
+backoff_ms(int attempts)
+{
+	uint64		d = (uint64) BACKOFF_BASE_MS << Min(Max(attempts - 1, 0), 20);
+
+	d = Min(d, (uint64) BACKOFF_MAX_MS);
+	return (double) (d / 2 + pg_prng_uint64_range(&pg_global_prng_state, 0, d / 2 - 1));
+}
+
+/*
+ * Run a request's callback as the role that enqueued it, under
+ * SECURITY_RESTRICTED_OPERATION with a safe search_path, in a
+ * subtransaction.  Returns its error message, or NULL when it succeeded.
+ */
+static char *
+run_callback(QueueItem *item, Oid result_type)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	char	   *error = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		Oid			save_userid;
+		int			save_sec;
+		int			nestlevel;
+
+		if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(item->role)))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("role with OID %u does not exist", item->role)));
+		/* the role may have lost the right since it enqueued */
+		taptalk_queue_check_callback(item->callback, item->role, result_type);
+
+		GetUserIdAndSecContext(&save_userid, &save_sec);
+		SetUserIdAndSecContext(item->role,
+							   save_sec | SECURITY_LOCAL_USERID_CHANGE |
+							   SECURITY_RESTRICTED_OPERATION);
+		nestlevel = NewGUCNestLevel();
+		(void) set_config_option("search_path", "pg_catalog, pg_temp",
+								 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+								 true, 0, false);
+		taptalk_queue_call_callback(item->callback, item->id, item->request,
+									&item->result, result_type);
+		AtEOXact_GUC(false, nestlevel);
+		SetUserIdAndSecContext(save_userid, save_sec);
+
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		error = edata->message ? edata->message : pstrdup("callback failed");
+	}
+	PG_END_TRY();
+	return error;
+}
+
+/* The text Datum of a string, and whether it is NULL. */
+static void
+text_arg(const char *s, Datum *value, char *null)
+{
+	*value = s ? CStringGetTextDatum(s) : (Datum) 0;
+	*null = s ? ' ' : 'n';
+}
+
+/*
+ * Record every finished request of the round and run the callbacks of those
+ * that reached a final state, in one transaction.
+ */
+static void
+record_round(Round *round, const char *table, Oid result_type)
+{
+	char	   *update_sql;
+	char	   *error_sql;
+
+	update_sql = psprintf("UPDATE %s SET state = $2, lease_until = NULL,"
+						  " user_id = $3, error_code = $4, error_field = $5,"
+						  " error_message = $6,"
+						  " next_attempt_at = CASE WHEN $2 = 'queued'"
+						  "  THEN pg_catalog.now() + $7 * interval '1 millisecond'"
+						  "  ELSE next_attempt_at END,"
+						  " finished_at = CASE WHEN $2 = 'queued' THEN NULL"
+						  "  ELSE pg_catalog.clock_timestamp() END"
+						  " WHERE id = $1 AND state = 'sending'",
+						  table);
+	error_sql = psprintf("UPDATE %s SET callback_error = $2 WHERE id = $1",
+						 table);
+
+	begin_step("recording request outcomes");
+	for (int i = 0; i < round->count; i++)
+	{
+		QueueItem  *item = &round->items[i];
+		Oid			argtypes[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+		TEXTOID, FLOAT8OID};
+		Datum		args[7];
+		char		nulls[7];
+		const char *state;
+
+		if (!item->finished)
+			continue;			/* cannot happen; the lease brings it back */
+
+		if (item->result.error_code == NULL)
+			state = "succeeded";
+		else if (retryable(&item->result) &&
+				 item->attempts < taptalk_max_attempts)
+			state = "queued";
+		else
+			state = "failed";
+
+		memset(nulls, ' ', sizeof(nulls));
+		args[0] = Int64GetDatum(item->id);
+		args[1] = CStringGetTextDatum(state);
+		text_arg(item->result.user_id, &args[2], &nulls[2]);
+		text_arg(item->result.error_code, &args[3], &nulls[3]);
+		text_arg(item->result.error_field, &args[4], &nulls[4]);
+		text_arg(item->result.error_message, &args[5], &nulls[5]);
+		args[6] = Float8GetDatum(backoff_ms(item->attempts));
+
+		spi_check(SPI_execute_with_args(update_sql, 7, argtypes, args, nulls,
+										false, 0), SPI_OK_UPDATE);
+		if (SPI_processed == 0)
+			continue;			/* no longer ours */
+
+		if (strcmp(state, "queued") != 0 && OidIsValid(item->callback))
+		{
+			char	   *error = run_callback(item, result_type);
+
+			if (error != NULL)
+			{
+				Oid			etypes[2] = {INT8OID, TEXTOID};
+				Datum		eargs[2];
+
+				eargs[0] = Int64GetDatum(item->id);
+				eargs[1] = CStringGetTextDatum(error);
+				spi_check(SPI_execute_with_args(error_sql, 2, etypes, eargs,
+												NULL, false, 0), SPI_OK_UPDATE);
+			}
+		}
+	}
+	end_step(true);
+}
+
+/* Whether the settings needed to reach TapTalk are there. */
+static bool
+configured(void)
+{
+	return taptalk_base_url && taptalk_base_url[0] &&
+		taptalk_server_key_id && taptalk_server_key_id[0] &&
+		taptalk_server_key_secret && taptalk_server_key_secret[0];
+}
+
+void
+taptalk_worker_main(Datum main_arg)
+{
+	Round		round;
+	bool		rescued = false;
+	TimestampTz last_cleanup = 0;
+	bool		said_missing = false;
+	bool		said_unconfigured = false;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(taptalk_database, NULL, 0);
+
+	/* the worker's own statements name everything with its schema */
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET,
+					PGC_S_OVERRIDE);
+
+#if PG_VERSION_NUM >= 170000
+	wait_event_info = WaitEventExtensionNew("TaptalkQueueIdle");
+#else
+	wait_event_info = PG_WAIT_EXTENSION;
+#endif
+
+	if (shared != NULL)
+	{
+		shared->latch = MyLatch;
+		on_shmem_exit(worker_forget_latch, (Datum) 0);
+	}
+
+	round.cxt = AllocSetContextCreate(TopMemoryContext, "taptalk worker round",
+									  ALLOCSET_DEFAULT_SIZES);
+
+	ereport(LOG,
+			(errmsg("taptalk worker started for database \"%s\"",
+					taptalk_database)));
+
+	for (;;)
+	{
+		char	   *table = NULL;
+		Oid			result_type = InvalidOid;
+		long		wait_ms = POLL_MS;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		if (!configured())
+		{
+			if (!said_unconfigured)
+				ereport(LOG,
+						(errmsg("taptalk worker: the server key settings are not set; waiting")));
+			said_unconfigured = true;
+			worker_wait(POLL_MS);
+			continue;
+		}
+		said_unconfigured = false;
+
+		MemoryContextReset(round.cxt);
+		if (!claim(&round, &rescued, &last_cleanup, &table, &result_type, &wait_ms))
+		{
+			if (!said_missing)
+				ereport(LOG,
+						(errmsg("taptalk worker: extension \"taptalk\" is not installed in database \"%s\"; waiting",
+								taptalk_database)));
+			said_missing = true;
+			worker_wait(MISSING_POLL_MS);
+			continue;
+		}
+		if (said_missing)
+			ereport(LOG,
+					(errmsg("taptalk worker: extension \"taptalk\" found in database \"%s\"",
+							taptalk_database)));
+		said_missing = false;
+
+		if (round.count == 0)
+		{
+			worker_wait(wait_ms);
+			continue;
+		}
+
+		send_round(&round);
+		record_round(&round, table, result_type);
+	}
+}
