@@ -112,6 +112,30 @@ check_base_url(char **newval, void **extra, GucSource source)
 }
 
 /*
+ * `text` with every occurrence of `secret` replaced by asterisks: a new
+ * palloc'd string, or `text` itself when there is nothing to mask.
+ */
+char *
+taptalk_mask(char *text, const char *secret)
+{
+	StringInfoData buf;
+	const char *p = text;
+	const char *hit;
+
+	if (secret == NULL || secret[0] == '\0' || strstr(text, secret) == NULL)
+		return text;
+	initStringInfo(&buf);
+	while ((hit = strstr(p, secret)) != NULL)
+	{
+		appendBinaryStringInfo(&buf, p, hit - p);
+		appendStringInfoString(&buf, REDACTED);
+		p = hit + strlen(secret);
+	}
+	appendStringInfoString(&buf, p);
+	return buf.data;
+}
+
+/*
  * Keep the secret out of the server log.  A configuration reload logs every
  * changed setting with its new value ("parameter ... changed to ..."), the
  * secret included; this hook masks the secret's value in any message that
@@ -122,25 +146,8 @@ redact_secret_hook(ErrorData *edata)
 {
 	const char *secret = taptalk_server_key_secret;
 
-	if (edata->message != NULL && secret != NULL && secret[0] != '\0' &&
-		strstr(edata->message, SECRET_SETTING) != NULL &&
-		strstr(edata->message, secret) != NULL)
-	{
-		StringInfoData buf;
-		const char *p = edata->message;
-		const char *hit;
-		size_t		len = strlen(secret);
-
-		initStringInfo(&buf);
-		while ((hit = strstr(p, secret)) != NULL)
-		{
-			appendBinaryStringInfo(&buf, p, hit - p);
-			appendStringInfoString(&buf, REDACTED);
-			p = hit + len;
-		}
-		appendStringInfoString(&buf, p);
-		edata->message = buf.data;
-	}
+	if (edata->message != NULL && strstr(edata->message, SECRET_SETTING) != NULL)
+		edata->message = taptalk_mask(edata->message, secret);
 
 	if (prev_emit_log_hook)
 		prev_emit_log_hook(edata);

@@ -69,6 +69,9 @@ extern int	taptalk_connect_timeout_ms;
 extern int	taptalk_max_concurrency;
 extern int	taptalk_max_retries;
 
+/* taptalk.c */
+extern char *taptalk_mask(char *text, const char *secret);
+
 /* request.c */
 extern bool taptalk_build_request(Jsonb *request, StringInfo body,
 								  TaptalkResult *failure);

@@ -543,7 +543,7 @@ run_callback(QueueItem *item, Oid result_type)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
-	char	   *error = NULL;
+	char	   *volatile error = NULL;
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
@@ -590,7 +590,8 @@ run_callback(QueueItem *item, Oid result_type)
 		error = edata->message ? edata->message : pstrdup("callback failed");
 	}
 	PG_END_TRY();
-	return error;
+	/* the message is stored in the queue table, where no ticket may be */
+	return error ? taptalk_mask(error, item->result.ticket) : NULL;
 }
 
 /* The text Datum of a string, and whether it is NULL. */

@@ -75,6 +75,12 @@ BEGIN
 	INSERT INTO public.cb_calls VALUES (request_id, NULL, current_user, 'boom');
 	RAISE EXCEPTION 'boom for %', request->>'xcUserID';
 END $$;
+CREATE FUNCTION leak(request_id bigint, request jsonb,
+					 result taptalk_auth_ticket_result)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+	RAISE EXCEPTION 'leaking %', (result).ticket;
+END $$;
 CREATE FUNCTION snoop(request_id bigint, request jsonb,
 					  result taptalk_auth_ticket_result)
 RETURNS void LANGUAGE sql AS $$ SELECT count(*) FROM public.secret $$;
@@ -165,6 +171,7 @@ q1(q{
 SELECT taptalk_enqueue(req('q-boom'), 'boom(bigint, jsonb, taptalk_auth_ticket_result)');
 SELECT taptalk_enqueue(req('q-snoop'), 'snoop(bigint, jsonb, taptalk_auth_ticket_result)');
 SELECT taptalk_enqueue(req('q-after'), 'provisioned(bigint, jsonb, taptalk_auth_ticket_result)');
+SELECT taptalk_enqueue(req('q-leak'), 'leak(bigint, jsonb, taptalk_auth_ticket_result)');
 }, 'postgres');
 # as taptalk_caller, whose callback may not read public.secret
 $node->safe_psql('postgres', q{
@@ -179,6 +186,9 @@ is( q1(q{SELECT string_agg(format('%s %s %s %s', request->>'xcUserID', state, us
 	  . 'q-after succeeded tt-q-after -, '
 	  . 'q-snoop-caller succeeded tt-q-snoop-caller permission denied for table secret',
 	'a failing callback leaves its error in callback_error and the result in place');
+is(q1("SELECT callback_error FROM taptalk_queue WHERE request->>'xcUserID' = 'q-leak'"),
+	'leaking ********',
+	'a callback\'s error that quotes the ticket is stored with the ticket masked');
 is(q1("SELECT count(*) FROM cb_calls WHERE error_code = 'boom'"),
 	0, 'the raising callback\'s writes were rolled back');
 
