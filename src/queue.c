@@ -193,9 +193,7 @@ static int64
 run_as_owner(Oid nsp, const char *sql, int nargs, Oid *argtypes,
 			 Datum *args, const char *argnulls, bool count_rows)
 {
-	Oid			save_userid;
-	int			save_sec;
-	int			nestlevel;
+	TaptalkRoleSwitch saved;
 	char	   *table;
 	int			rc;
 	int64		out = 0;
@@ -203,14 +201,7 @@ run_as_owner(Oid nsp, const char *sql, int nargs, Oid *argtypes,
 	table = quote_qualified_identifier(get_namespace_name(nsp),
 									   QUEUE_TABLE_NAME);
 
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(queue_owner(nsp),
-						   save_sec | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
-	nestlevel = NewGUCNestLevel();
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
-							 true, 0, false);
+	taptalk_become_role(queue_owner(nsp), &saved);
 
 	SPI_connect();
 	rc = SPI_execute_with_args(psprintf(sql, table), nargs, argtypes, args,
@@ -230,9 +221,33 @@ run_as_owner(Oid nsp, const char *sql, int nargs, Oid *argtypes,
 	}
 	SPI_finish();
 
-	AtEOXact_GUC(false, nestlevel);
-	SetUserIdAndSecContext(save_userid, save_sec);
+	taptalk_restore_role(&saved);
 	return out;
+}
+
+/*
+ * Act as `role` with SECURITY_RESTRICTED_OPERATION and search_path set to
+ * pg_catalog, pg_temp, until taptalk_restore_role; an error in between is
+ * undone by the (sub)transaction's abort, which restores both.
+ */
+void
+taptalk_become_role(Oid role, TaptalkRoleSwitch *saved)
+{
+	GetUserIdAndSecContext(&saved->userid, &saved->sec_context);
+	SetUserIdAndSecContext(role,
+						   saved->sec_context | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	saved->nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+}
+
+void
+taptalk_restore_role(TaptalkRoleSwitch *saved)
+{
+	AtEOXact_GUC(false, saved->nestlevel);
+	SetUserIdAndSecContext(saved->userid, saved->sec_context);
 }
 
 /*
@@ -269,12 +284,7 @@ taptalk_enqueue(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("taptalk request must not be null")));
 	request = PG_GETARG_JSONB_P(0);
-	if (!JB_ROOT_IS_OBJECT(request))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("taptalk request must be a JSON object, not %s",
-						taptalk_jsonb_root_kind(request)),
-				 errhint("Build the request with jsonb_build_object().")));
+	taptalk_require_object(request);
 
 	result_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
 								  CStringGetDatum(RESULT_TYPE_NAME),

@@ -325,3 +325,18 @@ taptalk_jsonb_root_kind(Jsonb *jb)
 	}
 	return "a scalar";
 }
+
+/*
+ * Raise 22023 unless the request is a JSON object: anything else is the
+ * caller's programming error, for every function that takes a request.
+ */
+void
+taptalk_require_object(Jsonb *request)
+{
+	if (!JB_ROOT_IS_OBJECT(request))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("taptalk request must be a JSON object, not %s",
+						taptalk_jsonb_root_kind(request)),
+				 errhint("Build the request with jsonb_build_object().")));
+}

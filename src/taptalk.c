@@ -382,12 +382,7 @@ taptalk_auth_ticket(PG_FUNCTION_ARGS)
 
 	check_configuration();
 
-	if (!JB_ROOT_IS_OBJECT(request))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("taptalk request must be a JSON object, not %s",
-						taptalk_jsonb_root_kind(request)),
-				 errhint("Build the request with jsonb_build_object().")));
+	taptalk_require_object(request);
 
 	memset(&req, 0, sizeof(req));
 	initStringInfo(&req.body);

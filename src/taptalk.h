@@ -72,10 +72,22 @@ extern int	taptalk_max_retries;
 /* taptalk.c */
 extern char *taptalk_mask(char *text, const char *secret);
 
+/* acting as another role, with a safe search_path (queue.c) */
+typedef struct TaptalkRoleSwitch
+{
+	Oid			userid;
+	int			sec_context;
+	int			nestlevel;
+} TaptalkRoleSwitch;
+
+extern void taptalk_become_role(Oid role, TaptalkRoleSwitch *saved);
+extern void taptalk_restore_role(TaptalkRoleSwitch *saved);
+
 /* request.c */
 extern bool taptalk_build_request(Jsonb *request, StringInfo body,
 								  TaptalkResult *failure);
 extern const char *taptalk_jsonb_root_kind(Jsonb *jb);
+extern void taptalk_require_object(Jsonb *request);
 
 /* response.c */
 extern void taptalk_map_response(long http_status, const char *body,

@@ -549,9 +549,7 @@ run_callback(QueueItem *item, Oid result_type)
 	MemoryContextSwitchTo(oldcxt);
 	PG_TRY();
 	{
-		Oid			save_userid;
-		int			save_sec;
-		int			nestlevel;
+		TaptalkRoleSwitch saved;
 
 		if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(item->role)))
 			ereport(ERROR,
@@ -560,18 +558,10 @@ run_callback(QueueItem *item, Oid result_type)
 		/* the role may have lost the right since it enqueued */
 		taptalk_queue_check_callback(item->callback, item->role, result_type);
 
-		GetUserIdAndSecContext(&save_userid, &save_sec);
-		SetUserIdAndSecContext(item->role,
-							   save_sec | SECURITY_LOCAL_USERID_CHANGE |
-							   SECURITY_RESTRICTED_OPERATION);
-		nestlevel = NewGUCNestLevel();
-		(void) set_config_option("search_path", "pg_catalog, pg_temp",
-								 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
-								 true, 0, false);
+		taptalk_become_role(item->role, &saved);
 		taptalk_queue_call_callback(item->callback, item->id, item->request,
 									&item->result, result_type);
-		AtEOXact_GUC(false, nestlevel);
-		SetUserIdAndSecContext(save_userid, save_sec);
+		taptalk_restore_role(&saved);
 
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
