@@ -508,6 +508,7 @@ taptalk_set_error(TaptalkResult *result, const char *code, const char *field,
 	result->error_code = code ? pstrdup(code) : NULL;
 	result->error_field = field ? pstrdup(field) : NULL;
 	result->error_message = message ? pstrdup(message) : NULL;
+	result->http_status = 0;
 }
 
 /*

@@ -388,7 +388,7 @@ taptalk_auth_ticket(PG_FUNCTION_ARGS)
 	initStringInfo(&req.body);
 	if (taptalk_build_request(request, &req.body, &req.result))
 		taptalk_transport_run(TAPTALK_PATH_SINGLE, single_next, single_done,
-							  &req, 1);
+							  &req, 1, taptalk_max_retries);
 	else
 		taptalk_stats_rejected(TAPTALK_PATH_SINGLE);
 
@@ -616,7 +616,8 @@ taptalk_auth_tickets(PG_FUNCTION_ARGS)
 										sizeof(BatchEntry) * Min(batch.count, BATCH_WINDOW));
 
 	taptalk_transport_run(TAPTALK_PATH_BATCH, batch_next, batch_done, &batch,
-						  Min(taptalk_max_concurrency, batch.count));
+						  Min(taptalk_max_concurrency, batch.count),
+						  taptalk_max_retries);
 	Assert(batch.emitted == batch.count);
 
 	array_free_iterator(batch.elements);

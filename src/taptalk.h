@@ -57,6 +57,8 @@ typedef struct TaptalkResult
 	char	   *error_code;
 	char	   *error_field;
 	char	   *error_message;
+	long		http_status;	/* status of TapTalk's answer; 0 when none
+								 * was read (not returned to SQL) */
 } TaptalkResult;
 
 /* settings (taptalk.c) */
@@ -143,7 +145,7 @@ typedef void (*taptalk_done_fn) (void *arg, int64 id, TaptalkResult *result);
 
 extern void taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
 								  taptalk_done_fn done, void *arg,
-								  int concurrency);
+								  int concurrency, int max_retries);
 extern void taptalk_transport_shutdown(void);
 
 /* queue.c */

@@ -117,6 +117,9 @@ static char *multi_url = NULL;
 static MemoryContext result_cxt = NULL;
 
 static Slot **slots = NULL;		/* TopMemoryContext */
+
+/* retries allowed per request in the current run */
+static int	run_max_retries = 0;
 static int	nslots = 0;
 
 /* the request headers, kept while the key they were built from is unchanged */
@@ -878,6 +881,7 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 	{
 		taptalk_map_response(status, slot->resp ? slot->resp : "",
 							 slot->resp_len, result);
+		result->http_status = status;
 		return gateway_status(status) && result->error_code != NULL &&
 			strcmp(result->error_code, TAPTALK_CODE_HTTP_ERROR) == 0;
 	}
@@ -900,6 +904,7 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 			taptalk_set_error(result, TAPTALK_CODE_HTTP_ERROR, NULL,
 							  psprintf("TapTalk answered HTTP status %ld without an error envelope (%s)",
 									   status, what));
+			result->http_status = status;
 			return gateway_status(status);
 		}
 		taptalk_set_error(result, TAPTALK_CODE_INVALID_RESPONSE, NULL, what);
@@ -953,7 +958,7 @@ retry_time(Slot *slot)
 {
 	long		delay_ms;
 
-	if (slot->attempt >= taptalk_max_retries)
+	if (slot->attempt >= run_max_retries)
 		return 0;
 	delay_ms = (long) RETRY_BASE_DELAY_MS << Min(slot->attempt, 10);
 	/* jitter in [delay/2, delay), so that backends do not retry in step */
@@ -1123,13 +1128,14 @@ collect_finished(TaptalkPath path, taptalk_done_fn done, void *arg)
  * and hand each result to done().  Returns when every request has finished;
  * raises only for interrupts, configuration errors and out of memory, after
  * detaching every transfer.  A request's taptalk.timeout starts when it is
- * first sent and covers its retries.  Every attempt and every finished
+ * first sent and covers its at most `max_retries` retries.  Every attempt and every finished
  * request is counted in the statistics of `path`; a request still in flight
  * when the loop is left by an error or an interrupt counts as abandoned.
  */
 void
 taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
-					  taptalk_done_fn done, void *arg, int concurrency)
+					  taptalk_done_fn done, void *arg, int concurrency,
+					  int max_retries)
 {
 	struct curl_slist *headers;
 
@@ -1137,6 +1143,7 @@ taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
 
 	prepare_transport(concurrency);
 	headers = current_headers();
+	run_max_retries = max_retries;
 
 	PG_TRY();
 	{

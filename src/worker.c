@@ -431,6 +431,7 @@ copy_result_to(MemoryContext cxt, TaptalkResult *dst, const TaptalkResult *src)
 	dst->error_code = src->error_code ? pstrdup(src->error_code) : NULL;
 	dst->error_field = src->error_field ? pstrdup(src->error_field) : NULL;
 	dst->error_message = src->error_message ? pstrdup(src->error_message) : NULL;
+	dst->http_status = src->http_status;
 	MemoryContextSwitchTo(old);
 }
 
@@ -478,21 +479,10 @@ round_done(void *arg, int64 id, TaptalkResult *result)
 static void
 send_round(Round *round)
 {
-	int			saved_retries = taptalk_max_retries;
-
 	pgstat_report_activity(STATE_RUNNING, "sending queued requests");
-	/* the queue retries with its own backoff, not within one attempt */
-	taptalk_max_retries = 0;
-	PG_TRY();
-	{
-		taptalk_transport_run(TAPTALK_PATH_QUEUE, round_next, round_done,
-							  round, Min(taptalk_worker_concurrency, round->count));
-	}
-	PG_FINALLY();
-	{
-		taptalk_max_retries = saved_retries;
-	}
-	PG_END_TRY();
+	/* no retries within an attempt: the queue retries with its own backoff */
+	taptalk_transport_run(TAPTALK_PATH_QUEUE, round_next, round_done,
+						  round, Min(taptalk_worker_concurrency, round->count), 0);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
@@ -503,8 +493,6 @@ send_round(Round *round)
 static bool
 retryable(const TaptalkResult *result)
 {
-	const char *status;
-
 	if (result->error_code == NULL)
 		return false;
 	if (strcmp(result->error_code, TAPTALK_CODE_TIMEOUT) == 0 ||
@@ -512,15 +500,7 @@ retryable(const TaptalkResult *result)
 		return true;
 	if (strcmp(result->error_code, TAPTALK_CODE_HTTP_ERROR) != 0)
 		return false;
-	/* "TapTalk answered HTTP status NNN ..." */
-	status = result->error_message ? strstr(result->error_message, "HTTP status ") : NULL;
-	if (status != NULL)
-	{
-		long		code = strtol(status + strlen("HTTP status "), NULL, 10);
-
-		return code == 429 || code >= 500;
-	}
-	return true;
+	return result->http_status == 429 || result->http_status >= 500;
 }
 
 /* Exponential backoff with jitter, in [d/2, d) for d = base * 2^(n-1). */
