@@ -146,6 +146,44 @@ REVOKE EXECUTE ON FUNCTION taptalk_requeue(bigint[]) FROM PUBLIC;
 REVOKE ALL ON taptalk_requests FROM PUBLIC;
 GRANT SELECT ON taptalk_requests TO PUBLIC;
 
+-- What the background worker is doing (it reports itself in shared memory)
+-- and the depth of this database's queue, for monitoring (README.md,
+-- "Monitoring").  The view's owner counts the queue's rows, so members of
+-- pg_monitor see counts, never a request.
+CREATE FUNCTION taptalk_worker_status(
+	OUT pid integer,
+	OUT database text,
+	OUT state text,
+	OUT state_since timestamptz,
+	OUT in_flight integer,
+	OUT last_success timestamptz,
+	OUT last_error timestamptz,
+	OUT last_error_code text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'taptalk_worker_status'
+LANGUAGE C STRICT VOLATILE PARALLEL SAFE;
+
+COMMENT ON FUNCTION taptalk_worker_status() IS
+'what taptalk''s background worker reports about itself';
+
+CREATE VIEW taptalk_worker AS
+	SELECT w.pid, w.database, w.state, w.state_since, w.in_flight,
+		   q.queued, q.sending, q.succeeded, q.failed,
+		   pg_catalog.clock_timestamp() - q.oldest_queued AS oldest_queued_age,
+		   w.last_success, w.last_error, w.last_error_code
+	FROM taptalk_worker_status() w,
+		 (SELECT count(*) FILTER (WHERE t.state = 'queued') AS queued,
+				 count(*) FILTER (WHERE t.state = 'sending') AS sending,
+				 count(*) FILTER (WHERE t.state = 'succeeded') AS succeeded,
+				 count(*) FILTER (WHERE t.state = 'failed') AS failed,
+				 min(t.enqueued_at) FILTER (WHERE t.state = 'queued') AS oldest_queued
+		  FROM taptalk_queue t) q;
+
+REVOKE EXECUTE ON FUNCTION taptalk_worker_status() FROM PUBLIC;
+REVOKE ALL ON taptalk_worker FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION taptalk_worker_status() TO pg_monitor;
+GRANT SELECT ON taptalk_worker TO pg_monitor;
+
 -- pg_dump keeps the queue's rows (requests not yet sent must not be lost)
 SELECT pg_catalog.pg_extension_config_dump('taptalk_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('taptalk_queue_id_seq', '');

@@ -5,15 +5,17 @@
 -- the worker end to end.
 --
 
--- the table is LOGGED and granted to nobody; the view is readable by all
--- (the grants to roles other than the owner)
+-- the table is LOGGED and granted to nobody; the view of requests is
+-- readable by all, the worker's view by pg_monitor (the grants to roles
+-- other than the owner)
 SELECT c.relname, c.relkind, c.relpersistence,
 	   ARRAY(SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END
 					|| ' ' || a.privilege_type
 			 FROM aclexplode(c.relacl) a
 			 WHERE a.grantee <> c.relowner ORDER BY 1) AS grants
 FROM pg_class c
-WHERE c.relname IN ('taptalk_queue', 'taptalk_queue_id_seq', 'taptalk_requests')
+WHERE c.relname IN ('taptalk_queue', 'taptalk_queue_id_seq', 'taptalk_requests',
+					'taptalk_worker')
 ORDER BY 1;
 
 -- the table's columns: there is no column for the ticket
@@ -120,6 +122,26 @@ SELECT request->>'xcUserID' AS xc, state FROM taptalk_requests WHERE id = :su_ba
 UPDATE taptalk_queue SET state = 'failed' WHERE id = :bad_id;
 SELECT taptalk_requeue(ARRAY[:bad_id, :su_bad_id]::bigint[]);
 SELECT request->>'xcUserID' AS xc, state, attempts FROM taptalk_requests ORDER BY id;
+
+-- taptalk_worker counts this database's queue by state (the worker sends
+-- the queue of database postgres, so these requests stay as they are);
+-- pg_monitor reads it, other roles do not
+SELECT state, count(*) FROM taptalk_queue GROUP BY state ORDER BY state;
+BEGIN;
+UPDATE taptalk_queue SET state = 'sending' WHERE id = (SELECT min(id) FROM taptalk_queue);
+UPDATE taptalk_queue SET state = 'succeeded' WHERE id = (SELECT max(id) FROM taptalk_queue);
+UPDATE taptalk_queue SET state = 'failed' WHERE id = :bad_id;
+SELECT database, queued, sending, succeeded, failed,
+	   oldest_queued_age > interval '0' AS oldest_queued_age_positive
+FROM taptalk_worker;
+ROLLBACK;
+SET ROLE pg_monitor;
+SELECT database, queued + sending + succeeded + failed AS requests FROM taptalk_worker;
+SELECT database FROM taptalk_worker_status();
+SET ROLE taptalk_app;
+SELECT count(*) FROM taptalk_worker;
+SELECT count(*) FROM taptalk_worker_status();
+RESET ROLE;
 
 -- a rolled-back enqueue leaves nothing
 BEGIN;

@@ -219,6 +219,16 @@ error_bucket(const char *code)
 	return ERR_OTHER;
 }
 
+/*
+ * The name taptalk_stats_errors gives an error_code: TapTalk's codes it
+ * counts on their own, ours, or OTHER.
+ */
+const char *
+taptalk_stats_error_name(const char *code)
+{
+	return error_names[error_bucket(code)];
+}
+
 void
 taptalk_stats_finished(TaptalkPath path, const char *error_code,
 					   int64 latency_us)
@@ -254,11 +264,7 @@ static void
 check_stats_available(void)
 {
 	if (stats == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("taptalk must be loaded via \"shared_preload_libraries\""),
-				 errdetail("The statistics live in shared memory, which the library can only ask for at server start."),
-				 errhint("Add taptalk to \"shared_preload_libraries\" in postgresql.conf and restart the server.")));
+		taptalk_require_preload("The statistics live in shared memory, which the library can only ask for at server start.");
 }
 
 static inline Datum

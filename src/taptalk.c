@@ -249,6 +249,20 @@ _PG_init(void)
 }
 
 /*
+ * Raise the error of a feature that needs the library preloaded; `detail`
+ * says why.
+ */
+void
+taptalk_require_preload(const char *detail)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("taptalk must be loaded via \"shared_preload_libraries\""),
+			 errdetail_internal("%s", detail),
+			 errhint("Add taptalk to \"shared_preload_libraries\" in postgresql.conf and restart the server.")));
+}
+
+/*
  * Refuse to run when the library was not preloaded or a required setting is
  * missing.  These are configuration mistakes, so they raise.
  */
@@ -256,11 +270,7 @@ static void
 check_configuration(void)
 {
 	if (!loaded_at_preload)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("taptalk must be loaded via \"shared_preload_libraries\""),
-				 errdetail("The server key settings are protected only when the library is loaded at server start."),
-				 errhint("Add taptalk to \"shared_preload_libraries\" in postgresql.conf and restart the server.")));
+		taptalk_require_preload("The server key settings are protected only when the library is loaded at server start.");
 
 	if (taptalk_base_url == NULL || taptalk_base_url[0] == '\0')
 		ereport(ERROR,

@@ -73,6 +73,7 @@ extern int	taptalk_max_retries;
 
 /* taptalk.c */
 extern char *taptalk_mask(char *text, const char *secret);
+extern void taptalk_require_preload(const char *detail);
 
 /* acting as another role, with a safe search_path (queue.c) */
 typedef struct TaptalkRoleSwitch
@@ -121,6 +122,7 @@ extern void taptalk_stats_attempt(TaptalkPath path, uint64 connections,
 extern void taptalk_stats_finished(TaptalkPath path, const char *error_code,
 								   int64 latency_us);
 extern void taptalk_stats_abandoned(TaptalkPath path);
+extern const char *taptalk_stats_error_name(const char *code);
 
 /* transport.c */
 

@@ -23,6 +23,7 @@
 #include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "funcapi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -32,6 +33,7 @@
 #include "storage/lwlock.h"
 #include "storage/proc.h"
 #include "storage/shmem.h"
+#include "storage/spin.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
@@ -44,6 +46,8 @@
 #include "taptalk.h"
 
 PGDLLEXPORT void taptalk_worker_main(Datum main_arg);
+
+PG_FUNCTION_INFO_V1(taptalk_worker_status);
 
 char	   *taptalk_database = NULL;
 int			taptalk_worker_concurrency = 32;
@@ -63,10 +67,48 @@ int			taptalk_retention_s = 86400;
 /* a claimed request's lease: taptalk.timeout plus this */
 #define LEASE_MARGIN_MS 60000
 
-/* shared state: the worker's latch, for the wake-up at commit */
+/*
+ * What the worker is doing, as the view taptalk_worker shows it (the names
+ * are in state_names).
+ */
+typedef enum WorkerState
+{
+	WORKER_NOT_RUNNING,
+	WORKER_STARTING,
+	WORKER_WAITING_SETTINGS,
+	WORKER_WAITING_EXTENSION,
+	WORKER_IDLE,
+	WORKER_BACKING_OFF,
+	WORKER_SENDING,
+} WorkerState;
+
+static const char *const state_names[] = {
+	[WORKER_NOT_RUNNING] = "not running",
+	[WORKER_STARTING] = "starting",
+	[WORKER_WAITING_SETTINGS] = "waiting for settings",
+	[WORKER_WAITING_EXTENSION] = "waiting for extension",
+	[WORKER_IDLE] = "idle",
+	[WORKER_BACKING_OFF] = "backing off",
+	[WORKER_SENDING] = "sending",
+};
+
+/*
+ * Shared state: the worker's latch, for the wake-up at commit, and what the
+ * worker reports about itself.  Only the worker writes the report, under the
+ * spinlock; taptalk_worker_status() reads it.  Each request's outcome is in
+ * the queue table: the report keeps only the latest success and error.
+ */
 typedef struct WorkerShared
 {
 	Latch	   *latch;
+	slock_t		mutex;
+	int			pid;			/* 0: not running */
+	WorkerState state;
+	TimestampTz state_since;
+	int			in_flight;
+	TimestampTz last_success;	/* 0: none since the server started */
+	TimestampTz last_error;
+	char		last_error_code[32];	/* as taptalk_stats_errors names it */
 } WorkerShared;
 
 static WorkerShared *shared = NULL;
@@ -85,6 +127,7 @@ typedef struct QueueItem
 	Oid			role;
 	int			attempts;
 	bool		finished;
+	TimestampTz finished_at;
 	TaptalkResult result;
 } QueueItem;
 
@@ -115,7 +158,10 @@ worker_shmem_startup(void)
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	shared = ShmemInitStruct("taptalk worker", sizeof(WorkerShared), &found);
 	if (!found)
-		shared->latch = NULL;
+	{
+		memset(shared, 0, sizeof(WorkerShared));
+		SpinLockInit(&shared->mutex);
+	}
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -207,11 +253,94 @@ taptalk_worker_wake(void)
 		SetLatch(latch);
 }
 
+/* Report a new state (and how many requests are in flight). */
 static void
-worker_forget_latch(int code, Datum arg)
+set_state(WorkerState state, int in_flight)
 {
-	if (shared != NULL)
-		shared->latch = NULL;
+	if (shared == NULL)
+		return;
+	SpinLockAcquire(&shared->mutex);
+	if (shared->state != state)
+		shared->state_since = GetCurrentTimestamp();
+	shared->state = state;
+	shared->in_flight = in_flight;
+	SpinLockRelease(&shared->mutex);
+}
+
+/* Report the latest success and error of a round (0: none). */
+static void
+report_outcomes(TimestampTz success, TimestampTz error, const char *error_code)
+{
+	if (shared == NULL || (success == 0 && error == 0))
+		return;
+	SpinLockAcquire(&shared->mutex);
+	if (success != 0)
+		shared->last_success = success;
+	if (error != 0)
+	{
+		shared->last_error = error;
+		strlcpy(shared->last_error_code, error_code,
+				sizeof(shared->last_error_code));
+	}
+	SpinLockRelease(&shared->mutex);
+}
+
+static void
+worker_detach(int code, Datum arg)
+{
+	if (shared == NULL)
+		return;
+	shared->latch = NULL;
+	SpinLockAcquire(&shared->mutex);
+	shared->pid = 0;
+	SpinLockRelease(&shared->mutex);
+	set_state(WORKER_NOT_RUNNING, 0);
+}
+
+/*
+ * taptalk_worker_status() returns one row: what the worker reports about
+ * itself (the view taptalk_worker adds the queue's depth).
+ */
+Datum
+taptalk_worker_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	WorkerShared copy;
+	Datum		values[8];
+	bool		nulls[8] = {0};
+
+	if (shared == NULL)
+		taptalk_require_preload("The background worker runs only when the library is loaded at server start.");
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	if (desc->natts != lengthof(values))
+		elog(ERROR, "taptalk_worker_status: expected %d columns, found %d",
+			 (int) lengthof(values), desc->natts);
+
+	SpinLockAcquire(&shared->mutex);
+	copy = *shared;
+	SpinLockRelease(&shared->mutex);
+
+	if (copy.pid != 0)
+		values[0] = Int32GetDatum(copy.pid);
+	else
+		nulls[0] = true;
+	values[1] = CStringGetTextDatum(taptalk_database ? taptalk_database : "");
+	values[2] = CStringGetTextDatum(state_names[copy.pid != 0 ? copy.state : WORKER_NOT_RUNNING]);
+	values[3] = TimestampTzGetDatum(copy.state_since);
+	nulls[3] = copy.state_since == 0;
+	values[4] = Int32GetDatum(copy.pid != 0 ? copy.in_flight : 0);
+	values[5] = TimestampTzGetDatum(copy.last_success);
+	nulls[5] = copy.last_success == 0;
+	values[6] = TimestampTzGetDatum(copy.last_error);
+	nulls[6] = copy.last_error == 0;
+	if (copy.last_error != 0)
+		values[7] = CStringGetTextDatum(copy.last_error_code);
+	else
+		nulls[7] = true;
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc),
+													  values, nulls)));
 }
 
 /* Wait on the latch for at most `ms`; wakes on SIGTERM and SIGHUP too. */
@@ -318,12 +447,13 @@ remove_old(const char *table, TimestampTz *last)
 
 /*
  * Claim up to taptalk.worker_concurrency due requests into `round`.  When
- * none is due, *wait_ms is how long until one is (at most POLL_MS).
+ * none is due, *wait_ms is how long until one is (at most POLL_MS), and
+ * *waiting_retry says whether a queued request waits for its retry.
  * Returns false when the extension is not installed.
  */
 static bool
 claim(Round *round, bool *rescued, TimestampTz *last_cleanup,
-	  char **table_out, Oid *result_type, long *wait_ms)
+	  char **table_out, Oid *result_type, long *wait_ms, bool *waiting_retry)
 {
 	bool		wrote = false;
 	char	   *table;
@@ -390,6 +520,7 @@ claim(Round *round, bool *rescued, TimestampTz *last_cleanup,
 	}
 
 	*wait_ms = POLL_MS;
+	*waiting_retry = false;
 	if (round->count == 0)
 	{
 		uint64		removed = remove_old(table, last_cleanup);
@@ -400,7 +531,8 @@ claim(Round *round, bool *rescued, TimestampTz *last_cleanup,
 		spi_check(SPI_execute(psprintf("SELECT pg_catalog.ceil(1000 * extract(epoch FROM"
 									   " LEAST(min(next_attempt_at) FILTER (WHERE state = 'queued'),"
 									   "  min(lease_until) FILTER (WHERE state = 'sending'))"
-									   " - pg_catalog.clock_timestamp()))::pg_catalog.float8"
+									   " - pg_catalog.clock_timestamp()))::pg_catalog.float8,"
+									   " pg_catalog.bool_or(state = 'queued')"
 									   " FROM %s WHERE state IN ('queued', 'sending')",
 									   table),
 							  true, 1), SPI_OK_SELECT);
@@ -413,6 +545,9 @@ claim(Round *round, bool *rescued, TimestampTz *last_cleanup,
 			if (!isnull)
 				*wait_ms = Min(*wait_ms,
 							   (long) Max(Min(DatumGetFloat8(d), (double) POLL_MS), 10.0));
+			d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2,
+							  &isnull);
+			*waiting_retry = !isnull && DatumGetBool(d);
 		}
 	}
 
@@ -461,6 +596,7 @@ round_next(void *arg, int64 *id, StringInfo body)
 		taptalk_stats_rejected(TAPTALK_PATH_QUEUE);
 		copy_result_to(round->cxt, &item->result, &failure);
 		item->finished = true;
+		item->finished_at = GetCurrentTimestamp();
 	}
 	return TAPTALK_NEXT_NONE;
 }
@@ -473,12 +609,14 @@ round_done(void *arg, int64 id, TaptalkResult *result)
 
 	copy_result_to(round->cxt, &item->result, result);
 	item->finished = true;
+	item->finished_at = GetCurrentTimestamp();
 }
 
 /* Send the claimed requests, with no transaction open. */
 static void
 send_round(Round *round)
 {
+	set_state(WORKER_SENDING, round->count);
 	pgstat_report_activity(STATE_RUNNING, "sending queued requests");
 	/* no retries within an attempt: the queue retries with its own backoff */
 	taptalk_transport_run(TAPTALK_PATH_QUEUE, round_next, round_done,
@@ -581,6 +719,9 @@ record_round(Round *round, const char *table, Oid result_type)
 {
 	char	   *update_sql;
 	char	   *error_sql;
+	TimestampTz last_success = 0;
+	TimestampTz last_error = 0;
+	const char *last_error_code = NULL;
 
 	update_sql = psprintf("UPDATE %s SET state = $2, lease_until = NULL,"
 						  " user_id = $3, error_code = $4, error_field = $5,"
@@ -607,6 +748,14 @@ record_round(Round *round, const char *table, Oid result_type)
 
 		if (!item->finished)
 			continue;			/* cannot happen; the lease brings it back */
+
+		if (item->result.error_code == NULL)
+			last_success = item->finished_at;
+		else if (item->finished_at >= last_error)
+		{
+			last_error = item->finished_at;
+			last_error_code = item->result.error_code;
+		}
 
 		if (item->result.error_code == NULL)
 			state = "succeeded";
@@ -647,6 +796,8 @@ record_round(Round *round, const char *table, Oid result_type)
 		}
 	}
 	end_step(true);
+	report_outcomes(last_success, last_error,
+					last_error_code ? taptalk_stats_error_name(last_error_code) : NULL);
 }
 
 /* Whether the settings needed to reach TapTalk are there. */
@@ -686,7 +837,11 @@ taptalk_worker_main(Datum main_arg)
 	if (shared != NULL)
 	{
 		shared->latch = MyLatch;
-		on_shmem_exit(worker_forget_latch, (Datum) 0);
+		SpinLockAcquire(&shared->mutex);
+		shared->pid = MyProcPid;
+		SpinLockRelease(&shared->mutex);
+		set_state(WORKER_STARTING, 0);
+		on_shmem_exit(worker_detach, (Datum) 0);
 	}
 
 	round.cxt = AllocSetContextCreate(TopMemoryContext, "taptalk worker round",
@@ -701,6 +856,7 @@ taptalk_worker_main(Datum main_arg)
 		char	   *table = NULL;
 		Oid			result_type = InvalidOid;
 		long		wait_ms = POLL_MS;
+		bool		waiting_retry = false;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -715,14 +871,17 @@ taptalk_worker_main(Datum main_arg)
 				ereport(LOG,
 						(errmsg("taptalk worker: the server key settings are not set; waiting")));
 			said_unconfigured = true;
+			set_state(WORKER_WAITING_SETTINGS, 0);
 			worker_wait(POLL_MS);
 			continue;
 		}
 		said_unconfigured = false;
 
 		MemoryContextReset(round.cxt);
-		if (!claim(&round, &rescued, &last_cleanup, &table, &result_type, &wait_ms))
+		if (!claim(&round, &rescued, &last_cleanup, &table, &result_type,
+				   &wait_ms, &waiting_retry))
 		{
+			set_state(WORKER_WAITING_EXTENSION, 0);
 			if (!said_missing)
 				ereport(LOG,
 						(errmsg("taptalk worker: extension \"taptalk\" is not installed in database \"%s\"; waiting",
@@ -739,6 +898,7 @@ taptalk_worker_main(Datum main_arg)
 
 		if (round.count == 0)
 		{
+			set_state(waiting_retry ? WORKER_BACKING_OFF : WORKER_IDLE, 0);
 			worker_wait(wait_ms);
 			continue;
 		}

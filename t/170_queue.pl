@@ -97,6 +97,15 @@ CREATE TRIGGER users_enqueue AFTER INSERT ON users
 # ------------------------------------------------------------- the worker
 is(q1("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'taptalk worker'"),
 	1, 'the worker runs, with its own backend_type');
+ok( $node->poll_query_until('postgres', "SELECT state = 'idle' FROM taptalk_worker"),
+	'taptalk_worker: the worker goes idle');
+is( q1(q{SELECT format('%s %s %s %s %s %s %s %s %s %s %s', pid = (SELECT pid FROM pg_stat_activity
+			WHERE backend_type = 'taptalk worker'), database, in_flight, queued, sending,
+			succeeded, failed, oldest_queued_age IS NULL, last_success IS NULL,
+			last_error IS NULL, last_error_code IS NULL)
+		FROM taptalk_worker}),
+	't postgres 0 0 0 0 0 t t t t',
+	'taptalk_worker: its pid, its database, an empty queue, nothing sent yet');
 
 # ------------------------------------------------- trigger and callback
 my $mark = $mock->log_mark;
@@ -124,6 +133,10 @@ is(q1("SELECT string_agg(format('%s %s', ticket_seen, who), ', ') FROM cb_calls"
 	't taptalk_caller, t taptalk_caller',
 	'the callback got the ticket and ran as the enqueuing role');
 is($mock->count($mark, 'request', undef, qr/q-1/), 1, 'q-1 sent once');
+is( q1(q{SELECT format('%s %s %s %s', state, succeeded,
+			last_success > now() - interval '1 minute', last_error IS NULL)
+		FROM taptalk_worker}),
+	'idle 2 t t', 'taptalk_worker: two succeeded, the last success just now');
 is($mock->count($mark, 'request', undef, qr/q-rolled-back/),
 	0, 'the rolled-back insert sent nothing');
 is(q1("SELECT count(*) FROM taptalk_queue WHERE request->>'xcUserID' = 'q-rolled-back'"),
@@ -150,7 +163,16 @@ SELECT taptalk_enqueue(req('fault-status-503'));
 SELECT taptalk_enqueue(req('fault-status-400'));
 SELECT taptalk_enqueue(req('fault-envelope500'));
 });
+# between its attempts the 503 waits for its retry (1 s, then 2 s)
+ok( $node->poll_query_until('postgres',
+		"SELECT state = 'backing off' AND queued >= 1 AND last_error_code = 'HTTP_ERROR'"
+		  . " AND oldest_queued_age > interval '0' FROM taptalk_worker"),
+	'taptalk_worker: backing off while a request waits for its retry');
 drained('retries');
+is( q1(q{SELECT format('%s %s %s %s', state, queued, failed, last_error_code)
+		FROM taptalk_worker}),
+	'idle 0 3 HTTP_ERROR',
+	'taptalk_worker: idle again, three failed, the last error is the 503\'s');
 is( q1(q{SELECT string_agg(format('%s %s %s %s', request->>'xcUserID', state,
 		attempts, error_code), ', ' ORDER BY id) FROM taptalk_queue
 		WHERE request->>'xcUserID' LIKE 'fault-%'}),
@@ -207,6 +229,8 @@ q1(q{SELECT taptalk_enqueue(req('q-c' || i)) FROM generate_series(1, 50) i});
 ok( $node->poll_query_until('postgres',
 		"SELECT count(*) > 0 FROM taptalk_queue WHERE state = 'sending'"),
 	'requests in flight');
+is( q1(q{SELECT format('%s %s', state, in_flight = sending) FROM taptalk_worker}),
+	'sending t', 'taptalk_worker: sending, with the requests in flight');
 $node->stop('immediate');
 $node->start;
 drained('after an immediate shutdown');
@@ -268,6 +292,8 @@ q1('SELECT pg_reload_conf()');
 
 # -------------------------------------------------- no extension, then one
 my $log_offset = -s $node->logfile;
+q1('CREATE DATABASE other');
+q1('CREATE EXTENSION taptalk', 'other');
 q1('DROP EXTENSION taptalk CASCADE');
 q1('SELECT 1');
 # the next poll (at most 5 s) finds the extension gone
@@ -275,6 +301,9 @@ ok( $node->wait_for_log(
 		qr/extension "taptalk" is not installed in database "postgres"; waiting/,
 		$log_offset),
 	'the worker says the extension is missing');
+is( q1(q{SELECT format('%s %s %s', state, database, queued) FROM taptalk_worker}, 'other'),
+	'waiting for extension postgres 0',
+	'taptalk_worker, from another database: waiting for the extension');
 q1('CREATE EXTENSION taptalk');
 $mark = $mock->log_mark;
 q1(q{SELECT taptalk_enqueue(req('q-new'))});

@@ -43,6 +43,9 @@ is($standby->safe_psql('app', "SELECT count(*) FROM taptalk_queue WHERE state = 
 is( $standby->safe_psql('postgres',
 		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'taptalk worker'"),
 	0, 'no worker runs on the standby');
+is( $standby->safe_psql('app',
+		'SELECT format(\'%s %s %s %s\', pid IS NULL, state, queued, in_flight) FROM taptalk_worker'),
+	't not running 3 0', 'taptalk_worker on the standby: not running, three queued');
 is($standby->safe_psql('app', "SELECT user_id FROM taptalk_auth_ticket(req('s-sync'))"),
 	'tt-s-sync', 'taptalk_auth_ticket works on the standby');
 # longer than the worker's poll
@@ -53,6 +56,9 @@ $standby->promote;
 ok( $standby->poll_query_until('app',
 		"SELECT count(*) = 3 FROM taptalk_queue WHERE state = 'succeeded'"),
 	'after promotion the worker drains the queue');
+ok( $standby->poll_query_until('app',
+		"SELECT pid IS NOT NULL AND state = 'idle' AND succeeded = 3 FROM taptalk_worker"),
+	'taptalk_worker after promotion: running, idle, three succeeded');
 is($mock->count($mark, 'request', undef, qr/s-\d/), 3, 'each request sent once');
 
 $standby->stop;

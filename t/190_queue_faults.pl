@@ -208,6 +208,10 @@ ok( $node->poll_query_until('postgres',
 		"SELECT count(*) = 100 FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-%' "
 		  . "AND state = 'queued' AND attempts >= 1 AND error_code = 'CONNECTION_FAILED'"),
 	'TapTalk down: the requests wait for a retry');
+ok( $node->poll_query_until('postgres',
+		"SELECT state = 'backing off' AND queued = 100 AND last_error_code = 'CONNECTION_FAILED' "
+		  . "AND last_error > last_success FROM taptalk_worker"),
+	'taptalk_worker: backing off, the last error CONNECTION_FAILED');
 usleep(1_000_000 * ($down_from + 30 - time)) if time < $down_from + 30;
 my $cpu = (cpu_ticks() - $ticks0) / POSIX::sysconf(POSIX::_SC_CLK_TCK());
 my $down_for = time - $down_from;
@@ -235,6 +239,9 @@ ok( $node->poll_query_until('postgres',
 		  . "AND state = 'succeeded'"),
 	'TapTalk back: the queue drains');
 note sprintf('drained %.1f s after TapTalk was back', time - $up_at);
+ok( $node->poll_query_until('postgres',
+		"SELECT state = 'idle' AND queued = 0 AND last_success > last_error FROM taptalk_worker"),
+	'taptalk_worker: idle again, the last success after the last error');
 cmp_ok(time - $up_at, '<', 90, 'within 90 s');
 is( q1(q{SELECT count(*) FROM taptalk_queue q WHERE request->>'xcUserID' LIKE 'fd-%'
 	AND (SELECT count(*) FROM calls k WHERE k.id = q.id) <> 1}),
