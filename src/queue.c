@@ -184,30 +184,64 @@ queue_owner(Oid nsp)
 }
 
 /*
+ * A statement run_as_owner prepares once per backend and keeps, for the
+ * queue table of the schema it was prepared in.
+ */
+typedef struct KeptPlan
+{
+	Oid			nsp;
+	SPIPlanPtr	plan;
+} KeptPlan;
+
+/* taptalk_enqueue's INSERT, the statement of every enqueued request */
+static KeptPlan enqueue_plan = {InvalidOid, NULL};
+
+/*
  * Run one statement on the queue table as its owner, with a safe
  * search_path and under SECURITY_RESTRICTED_OPERATION; `sql` has %s where
- * the schema-qualified table name goes.  Returns the first column of the
- * first row (an int8), or 0 with no row.
+ * the schema-qualified table name goes.  With `kept`, the statement is
+ * prepared once and kept (PostgreSQL plans it again when the table
+ * changes).  Returns the first column of the first row (an int8), or 0 with
+ * no row; with `count_rows`, the number of rows processed.
  */
 static int64
 run_as_owner(Oid nsp, const char *sql, int nargs, Oid *argtypes,
-			 Datum *args, const char *argnulls, bool count_rows)
+			 Datum *args, const char *argnulls, bool count_rows,
+			 KeptPlan *kept)
 {
 	TaptalkRoleSwitch saved;
-	char	   *table;
 	int			rc;
 	int64		out = 0;
-
-	table = quote_qualified_identifier(get_namespace_name(nsp),
-									   QUEUE_TABLE_NAME);
 
 	taptalk_become_role(queue_owner(nsp), &saved);
 
 	SPI_connect();
-	rc = SPI_execute_with_args(psprintf(sql, table), nargs, argtypes, args,
-							   argnulls, false, 0);
+	if (kept == NULL || kept->plan == NULL || kept->nsp != nsp)
+	{
+		char	   *table = quote_qualified_identifier(get_namespace_name(nsp),
+													   QUEUE_TABLE_NAME);
+
+		if (kept == NULL)
+			rc = SPI_execute_with_args(psprintf(sql, table), nargs, argtypes,
+									   args, argnulls, false, 0);
+		else
+		{
+			SPIPlanPtr	plan = SPI_prepare(psprintf(sql, table), nargs,
+										   argtypes);
+
+			if (plan == NULL || SPI_keepplan(plan) != 0)
+				elog(ERROR, "SPI_prepare failed: %s",
+					 SPI_result_code_string(SPI_result));
+			if (kept->plan != NULL)
+				SPI_freeplan(kept->plan);
+			kept->plan = plan;
+			kept->nsp = nsp;
+		}
+	}
+	if (kept != NULL)
+		rc = SPI_execute_plan(kept->plan, args, argnulls, false, 0);
 	if (rc < 0)
-		elog(ERROR, "SPI_execute_with_args failed: %s", SPI_result_code_string(rc));
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(rc));
 	if (count_rows)
 		out = (int64) SPI_processed;
 	else if (SPI_processed > 0)
@@ -329,7 +363,7 @@ taptalk_enqueue(PG_FUNCTION_ARGS)
 					  " VALUES ($1::pg_catalog.regrole, $2, $3::pg_catalog.regprocedure, $4,"
 					  " $5, $6, $7, CASE WHEN $4 = 'failed' THEN pg_catalog.now() END)"
 					  " RETURNING id",
-					  7, argtypes, args, argnulls, false);
+					  7, argtypes, args, argnulls, false, &enqueue_plan);
 
 	if (valid)
 	{
@@ -381,7 +415,7 @@ taptalk_requeue(PG_FUNCTION_ARGS)
 					 " callback_error = NULL"
 					 " WHERE id = ANY ($1) AND state = 'failed'"
 					 " AND ($3 OR enqueued_by::pg_catalog.oid = $2)",
-					 3, argtypes, args, NULL, true);
+					 3, argtypes, args, NULL, true, NULL);
 
 	if (n > 0)
 	{

@@ -5,13 +5,18 @@
  *	  filled by taptalk_enqueue in queue.c), its settings, and the bit of
  *	  shared memory through which enqueuing backends wake it.
  *
- * Each round claims due requests in a short transaction (state 'sending',
- * a lease, FOR UPDATE SKIP LOCKED), commits, sends them concurrently with
- * no transaction open, then records every outcome in a second short
- * transaction, where the callbacks run too, each as the role that enqueued
- * its request.  A request left 'sending' by a worker or server that died is
- * queued again when the worker starts, or when its lease expires: delivery
- * is at least once.  On a standby the worker does not start until promotion.
+ * The worker keeps up to taptalk.worker_concurrency requests in flight on
+ * the transport's multi handle and refills each slot as it frees.  Between
+ * its waits on the network, and never across one, it runs short
+ * transactions (steps): each records the outcomes that came in, running
+ * the callbacks, each as the role that enqueued its request, and claims
+ * due requests for the free slots (state 'sending', a lease, FOR UPDATE
+ * SKIP LOCKED), then commits before any of them is sent.  A request left
+ * 'sending' by a worker or server that died is queued again when the
+ * worker starts, or when its lease expires: delivery is at least once, and
+ * at most taptalk.worker_concurrency requests (those sent and not yet
+ * recorded) are sent twice after a crash.  On a standby the worker does not
+ * start until promotion.
  *
  *-------------------------------------------------------------------------
  */
@@ -26,6 +31,7 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "port/atomics.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
@@ -66,6 +72,8 @@ int			taptalk_retention_s = 86400;
 #define RETENTION_EVERY_MS 60000
 /* a claimed request's lease: taptalk.timeout plus this */
 #define LEASE_MARGIN_MS 60000
+/* expired leases are looked for at most this often */
+#define LEASE_CHECK_MS 1000
 
 /*
  * What the worker is doing, as the view taptalk_worker shows it (the names
@@ -101,6 +109,7 @@ static const char *const state_names[] = {
 typedef struct WorkerShared
 {
 	Latch	   *latch;
+	pg_atomic_uint32 wake_pending;	/* set at an enqueuing commit */
 	slock_t		mutex;
 	int			pid;			/* 0: not running */
 	WorkerState state;
@@ -121,6 +130,7 @@ static uint32 wait_event_info = 0;
 /* one claimed request and, once finished, its result */
 typedef struct QueueItem
 {
+	MemoryContext cxt;			/* the request's and the result's memory */
 	int64		id;
 	Jsonb	   *request;
 	Oid			callback;
@@ -131,13 +141,26 @@ typedef struct QueueItem
 	TaptalkResult result;
 } QueueItem;
 
-typedef struct Round
+/* the statements every step runs on the queue table, prepared once */
+typedef struct QueuePlans
 {
-	QueueItem  *items;
-	int			count;
-	int			next;
-	MemoryContext cxt;
-} Round;
+	Oid			table_oid;		/* the table they were prepared for */
+	SPIPlanPtr	expire;			/* expired leases back to the queue */
+	SPIPlanPtr	claim;			/* $1 due requests, with a lease of $2 ms */
+	SPIPlanPtr	claim_after;	/* the same, after the key ($3, $4) */
+	SPIPlanPtr	record;			/* one request's outcome */
+	SPIPlanPtr	callback_error;
+} QueuePlans;
+
+static QueuePlans plans;
+
+/* whether the worker is sending (between steps it still is) */
+static bool in_run = false;
+
+/* the latest success and error the open step recorded, shown after COMMIT */
+static TimestampTz step_success = 0;
+static TimestampTz step_error = 0;
+static char step_error_code[32];
 
 static void
 worker_shmem_request(void)
@@ -161,6 +184,7 @@ worker_shmem_startup(void)
 	{
 		memset(shared, 0, sizeof(WorkerShared));
 		SpinLockInit(&shared->mutex);
+		pg_atomic_init_u32(&shared->wake_pending, 0);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -239,14 +263,19 @@ taptalk_worker_init(void)
 
 /*
  * Wake the worker: called at the commit of a transaction that enqueued.
- * Never raises.
+ * Only the commit that raises wake_pending sets the worker's latch (a
+ * signal to the worker when it sleeps): the worker lowers the flag before
+ * each claim, whose snapshot then sees every commit that found the flag
+ * raised.  Never raises.
  */
 void
 taptalk_worker_wake(void)
 {
 	Latch	   *latch;
 
-	if (shared == NULL)
+	if (shared == NULL ||
+		pg_atomic_read_u32(&shared->wake_pending) != 0 ||
+		pg_atomic_exchange_u32(&shared->wake_pending, 1) != 0)
 		return;
 	latch = ((volatile WorkerShared *) shared)->latch;
 	if (latch != NULL)
@@ -376,7 +405,10 @@ end_step(bool wrote)
 	CommitTransactionCommand();
 	if (wrote)
 		pgstat_report_stat(true);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	if (in_run)
+		pgstat_report_activity(STATE_RUNNING, "sending queued requests");
+	else
+		pgstat_report_activity(STATE_IDLE, NULL);
 }
 
 static void
@@ -386,23 +418,40 @@ spi_check(int rc, int expected)
 		elog(ERROR, "SPI query failed: %s", SPI_result_code_string(rc));
 }
 
+/* A statement prepared and kept for the worker's lifetime. */
+static SPIPlanPtr
+keep_plan(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "SPI_keepplan failed");
+	return plan;
+}
+
 /*
- * Where the extension is: its schema's quoted name and the result type.
- * Returns false when it is not installed.
+ * Where the extension is: the queue table's OID and quoted, qualified name,
+ * and the result type.  Returns false when it is not installed.
  */
 static bool
-find_extension(char **table, Oid *result_type)
+find_extension(Oid *table_oid, char **table, Oid *result_type)
 {
+	static SPIPlanPtr plan = NULL;
 	bool		isnull;
 
-	spi_check(SPI_execute("SELECT pg_catalog.quote_ident(n.nspname), t.oid"
-						  " FROM pg_catalog.pg_extension e"
-						  " JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"
-						  " JOIN pg_catalog.pg_type t ON t.typnamespace = e.extnamespace"
-						  "  AND t.typname = 'taptalk_auth_ticket_result'"
-						  " WHERE e.extname = 'taptalk'"
-						  "  AND pg_catalog.to_regclass(pg_catalog.quote_ident(n.nspname) || '.taptalk_queue') IS NOT NULL",
-						  true, 1), SPI_OK_SELECT);
+	if (plan == NULL)
+		plan = keep_plan("SELECT pg_catalog.quote_ident(n.nspname), t.oid, c.oid"
+						 " FROM pg_catalog.pg_extension e"
+						 " JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"
+						 " JOIN pg_catalog.pg_type t ON t.typnamespace = e.extnamespace"
+						 "  AND t.typname = 'taptalk_auth_ticket_result'"
+						 " JOIN pg_catalog.pg_class c ON c.relnamespace = e.extnamespace"
+						 "  AND c.relname = 'taptalk_queue' AND c.relkind = 'r'"
+						 " WHERE e.extname = 'taptalk'",
+						 0, NULL);
+	spi_check(SPI_execute_plan(plan, NULL, NULL, true, 1), SPI_OK_SELECT);
 	if (SPI_processed == 0)
 		return false;
 	*table = psprintf("%s.taptalk_queue",
@@ -410,7 +459,79 @@ find_extension(char **table, Oid *result_type)
 	*result_type = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
 												  SPI_tuptable->tupdesc, 2,
 												  &isnull));
+	*table_oid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+												SPI_tuptable->tupdesc, 3,
+												&isnull));
 	return true;
+}
+
+/*
+ * The claim: up to $1 due requests, in the order they fell due, each with a
+ * lease of $2 ms; the %s in the middle may start the index scan after a key.
+ */
+#define CLAIM_SQL \
+	"UPDATE %s q SET state = 'sending'," \
+	" lease_until = pg_catalog.now() + $2 * interval '1 millisecond'," \
+	" attempts = q.attempts + 1" \
+	" FROM (SELECT id FROM %s" \
+	"  WHERE state = 'queued' AND next_attempt_at <= pg_catalog.now()%s" \
+	"  ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED) due" \
+	" WHERE q.id = due.id" \
+	" RETURNING q.id, q.request, q.callback::pg_catalog.oid," \
+	"  q.enqueued_by::pg_catalog.oid, q.attempts, q.next_attempt_at"
+
+/*
+ * The statements of every step, prepared for the queue table `table` (the
+ * relation `table_oid`) unless they already are.
+ */
+static void
+prepare_plans(Oid table_oid, const char *table)
+{
+	Oid			claim_types[4] = {INT4OID, INT4OID, TIMESTAMPTZOID, INT8OID};
+	Oid			record_types[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, FLOAT8OID};
+	Oid			error_types[2] = {INT8OID, TEXTOID};
+
+	if (plans.table_oid == table_oid)
+		return;
+	if (plans.expire)
+		SPI_freeplan(plans.expire);
+	if (plans.claim)
+		SPI_freeplan(plans.claim);
+	if (plans.claim_after)
+		SPI_freeplan(plans.claim_after);
+	if (plans.record)
+		SPI_freeplan(plans.record);
+	if (plans.callback_error)
+		SPI_freeplan(plans.callback_error);
+	memset(&plans, 0, sizeof(plans));
+
+	plans.expire = keep_plan(psprintf("UPDATE %s SET state = 'queued', lease_until = NULL"
+									  " WHERE state = 'sending' AND lease_until < pg_catalog.now()",
+									  table),
+							 0, NULL);
+	/* the due requests in the order they fell due, from the index's start */
+	plans.claim = keep_plan(psprintf(CLAIM_SQL, table, table, ""),
+							2, claim_types);
+	/* the same, after the key ($3, $4) */
+	plans.claim_after = keep_plan(psprintf(CLAIM_SQL, table, table,
+										   " AND (next_attempt_at, id) > ($3, $4)"),
+								  4, claim_types);
+	plans.record = keep_plan(psprintf("UPDATE %s SET state = $2, lease_until = NULL,"
+									  " user_id = $3, error_code = $4, error_field = $5,"
+									  " error_message = $6,"
+									  " next_attempt_at = CASE WHEN $2 = 'queued'"
+									  "  THEN pg_catalog.now() + $7 * interval '1 millisecond'"
+									  "  ELSE next_attempt_at END,"
+									  " finished_at = CASE WHEN $2 = 'queued' THEN NULL"
+									  "  ELSE pg_catalog.clock_timestamp() END"
+									  " WHERE id = $1 AND state = 'sending'",
+									  table),
+							 7, record_types);
+	plans.callback_error = keep_plan(psprintf("UPDATE %s SET callback_error = $2 WHERE id = $1",
+											  table),
+									 2, error_types);
+	plans.table_oid = table_oid;
 }
 
 /*
@@ -445,117 +566,6 @@ remove_old(const char *table, TimestampTz *last)
 	return SPI_processed;
 }
 
-/*
- * Claim up to taptalk.worker_concurrency due requests into `round`.  When
- * none is due, *wait_ms is how long until one is (at most POLL_MS), and
- * *waiting_retry says whether a queued request waits for its retry.
- * Returns false when the extension is not installed.
- */
-static bool
-claim(Round *round, bool *rescued, TimestampTz *last_cleanup,
-	  char **table_out, Oid *result_type, long *wait_ms, bool *waiting_retry)
-{
-	bool		wrote = false;
-	char	   *table;
-	Oid			argtypes[2] = {INT4OID, INT4OID};
-	Datum		args[2];
-
-	begin_step("claiming queued requests");
-	if (!find_extension(&table, result_type))
-	{
-		end_step(false);
-		return false;
-	}
-
-	/* requests a dead worker left behind go back to the queue */
-	if (!*rescued)
-	{
-		spi_check(SPI_execute(psprintf("UPDATE %s SET state = 'queued', lease_until = NULL"
-									   " WHERE state = 'sending'", table),
-							  false, 0), SPI_OK_UPDATE);
-		if (SPI_processed > 0)
-			ereport(LOG,
-					(errmsg("taptalk worker: %llu requests left in state \"sending\" are queued again",
-							(unsigned long long) SPI_processed)));
-		*rescued = true;
-	}
-
-	args[0] = Int32GetDatum(taptalk_worker_concurrency);
-	args[1] = Int32GetDatum(taptalk_timeout_ms + LEASE_MARGIN_MS);
-	spi_check(SPI_execute_with_args(psprintf("UPDATE %s q SET state = 'sending',"
-											 " lease_until = pg_catalog.now() + $2 * interval '1 millisecond',"
-											 " attempts = q.attempts + 1"
-											 " WHERE q.id IN (SELECT id FROM %s"
-											 "  WHERE (state = 'queued' AND next_attempt_at <= pg_catalog.now())"
-											 "   OR (state = 'sending' AND lease_until < pg_catalog.now())"
-											 "  ORDER BY id FOR UPDATE SKIP LOCKED LIMIT $1)"
-											 " RETURNING q.id, q.request, q.callback::pg_catalog.oid,"
-											 "  q.enqueued_by::pg_catalog.oid, q.attempts",
-											 table, table),
-									2, argtypes, args, NULL, false, 0),
-			  SPI_OK_UPDATE_RETURNING);
-
-	round->count = (int) SPI_processed;
-	round->next = 0;
-	round->items = MemoryContextAllocZero(round->cxt,
-										  sizeof(QueueItem) * Max(round->count, 1));
-	for (int i = 0; i < round->count; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		QueueItem  *item = &round->items[i];
-		bool		isnull;
-		Datum		d;
-		MemoryContext old;
-
-		item->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		d = SPI_getbinval(tup, desc, 2, &isnull);
-		old = MemoryContextSwitchTo(round->cxt);
-		item->request = DatumGetJsonbPCopy(d);
-		MemoryContextSwitchTo(old);
-		d = SPI_getbinval(tup, desc, 3, &isnull);
-		item->callback = isnull ? InvalidOid : DatumGetObjectId(d);
-		item->role = DatumGetObjectId(SPI_getbinval(tup, desc, 4, &isnull));
-		item->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
-	}
-
-	*wait_ms = POLL_MS;
-	*waiting_retry = false;
-	if (round->count == 0)
-	{
-		uint64		removed = remove_old(table, last_cleanup);
-
-		wrote = removed > 0;
-		if (removed == RETENTION_BATCH)
-			*wait_ms = 10;		/* more to remove */
-		spi_check(SPI_execute(psprintf("SELECT pg_catalog.ceil(1000 * extract(epoch FROM"
-									   " LEAST(min(next_attempt_at) FILTER (WHERE state = 'queued'),"
-									   "  min(lease_until) FILTER (WHERE state = 'sending'))"
-									   " - pg_catalog.clock_timestamp()))::pg_catalog.float8,"
-									   " pg_catalog.bool_or(state = 'queued')"
-									   " FROM %s WHERE state IN ('queued', 'sending')",
-									   table),
-							  true, 1), SPI_OK_SELECT);
-		if (SPI_processed == 1)
-		{
-			bool		isnull;
-			Datum		d = SPI_getbinval(SPI_tuptable->vals[0],
-										  SPI_tuptable->tupdesc, 1, &isnull);
-
-			if (!isnull)
-				*wait_ms = Min(*wait_ms,
-							   (long) Max(Min(DatumGetFloat8(d), (double) POLL_MS), 10.0));
-			d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2,
-							  &isnull);
-			*waiting_retry = !isnull && DatumGetBool(d);
-		}
-	}
-
-	*table_out = MemoryContextStrdup(round->cxt, table);
-	end_step(wrote || round->count > 0);
-	return true;
-}
-
 static void
 copy_result_to(MemoryContext cxt, TaptalkResult *dst, const TaptalkResult *src)
 {
@@ -570,58 +580,212 @@ copy_result_to(MemoryContext cxt, TaptalkResult *dst, const TaptalkResult *src)
 	MemoryContextSwitchTo(old);
 }
 
-static TaptalkNext
-round_next(void *arg, int64 *id, StringInfo body)
+/*
+ * The requests of one run of the transport, in a pool of
+ * taptalk.worker_concurrency items: each item is free, or holds a request
+ * that is claimed and not yet started, in flight, or finished with its
+ * outcome not yet recorded.  An item is freed only when its outcome is
+ * recorded, so at most taptalk.worker_concurrency requests are ever sent
+ * and not recorded: those a crash makes the worker send again.
+ */
+typedef struct Pipeline
 {
-	Round	   *round = (Round *) arg;
+	MemoryContext cxt;			/* the run's; reset when a run starts */
+	int			size;
+	QueueItem  *items;
+	int		   *free;			/* items not in use, a stack */
+	int			nfree;
+	int		   *claimed;		/* claimed by the last step, not started */
+	int			nclaimed;
+	int			next_claimed;
+	int		   *finished;		/* finished, outcome not recorded */
+	int			nfinished;
+	int			in_flight;
+	bool		drained;		/* the last claim found no more due request */
+	bool		stop;			/* claim no more in this run */
+	Oid			table_oid;		/* the queue table the run's requests are in */
+	Oid			result_type;
+	/* when the run's first step claimed nothing: how long to wait, and why */
+	long		wait_ms;
+	bool		waiting_retry;
+} Pipeline;
 
-	while (round->next < round->count)
-	{
-		int			i = round->next++;
-		QueueItem  *item = &round->items[i];
-		TaptalkResult failure;
+/* whether the worker has queued again what a dead worker left 'sending' */
+static bool rescued = false;
+static TimestampTz last_cleanup = 0;
+static TimestampTz last_lease_check = 0;
 
-		memset(&failure, 0, sizeof(failure));
-		resetStringInfo(body);
-		/* checked at enqueue, but a row may have been written by hand */
-		if (!JB_ROOT_IS_OBJECT(item->request))
-			taptalk_set_error(&failure, TAPTALK_CODE_PARAM_FAILED, "",
-							  psprintf("Request must be a JSON object, not %s",
-									   taptalk_jsonb_root_kind(item->request)));
-		else if (taptalk_build_request(item->request, body, &failure))
-		{
-			*id = i;
-			return TAPTALK_NEXT_REQUEST;
-		}
-		taptalk_stats_rejected(TAPTALK_PATH_QUEUE);
-		copy_result_to(round->cxt, &item->result, &failure);
-		item->finished = true;
-		item->finished_at = GetCurrentTimestamp();
-	}
-	return TAPTALK_NEXT_NONE;
-}
+/*
+ * Where the next claim may start its scan of the index of due requests:
+ * after the last key (next_attempt_at, id) the previous claim took, when
+ * that claim took all it asked for.  The entries before it are those of
+ * requests already claimed, dead until VACUUM removes them; a backlog drains
+ * without reading them again and again.  A request that fell due there
+ * unseen (committed late by a long or prepared transaction, skipped while
+ * locked, written by hand) is found by the next claim from the index's
+ * start: after a claim that took less than it asked for, and at least every
+ * POLL_MS.
+ */
+static bool claim_bound_valid = false;
+static TimestampTz claim_bound_at = 0;
+static int64 claim_bound_id = 0;
+static TimestampTz last_full_claim = 0;
 
 static void
-round_done(void *arg, int64 id, TaptalkResult *result)
+pipeline_begin(Pipeline *p, int size)
 {
-	Round	   *round = (Round *) arg;
-	QueueItem  *item = &round->items[id];
+	MemoryContextReset(p->cxt);
+	p->size = size;
+	p->items = MemoryContextAllocZero(p->cxt, sizeof(QueueItem) * size);
+	p->free = MemoryContextAlloc(p->cxt, sizeof(int) * size);
+	p->claimed = MemoryContextAlloc(p->cxt, sizeof(int) * size);
+	p->finished = MemoryContextAlloc(p->cxt, sizeof(int) * size);
+	for (int i = 0; i < size; i++)
+		p->free[i] = size - 1 - i;
+	p->nfree = size;
+	p->nclaimed = p->next_claimed = 0;
+	p->nfinished = 0;
+	p->in_flight = 0;
+	p->drained = false;
+	p->stop = false;
+	p->table_oid = InvalidOid;
+	p->result_type = InvalidOid;
+	p->wait_ms = POLL_MS;
+	p->waiting_retry = false;
+}
 
-	copy_result_to(round->cxt, &item->result, result);
+/* Take a free item for a claimed request. */
+static QueueItem *
+take_item(Pipeline *p)
+{
+	int			i = p->free[--p->nfree];
+	QueueItem  *item = &p->items[i];
+
+	if (item->cxt == NULL)
+		item->cxt = AllocSetContextCreate(p->cxt, "taptalk queued request",
+										  ALLOCSET_SMALL_SIZES);
+	p->claimed[p->nclaimed++] = i;
+	return item;
+}
+
+/* Free an item whose outcome is recorded (or can no longer be). */
+static void
+release_item(Pipeline *p, int i)
+{
+	QueueItem  *item = &p->items[i];
+	MemoryContext cxt = item->cxt;
+
+	MemoryContextReset(cxt);
+	memset(item, 0, sizeof(QueueItem));
+	item->cxt = cxt;
+	p->free[p->nfree++] = i;
+}
+
+/* A request's outcome, to be recorded by the next step. */
+static void
+finish_item(Pipeline *p, int i, const TaptalkResult *result)
+{
+	QueueItem  *item = &p->items[i];
+
+	copy_result_to(item->cxt, &item->result, result);
 	item->finished = true;
 	item->finished_at = GetCurrentTimestamp();
+	p->finished[p->nfinished++] = i;
 }
 
-/* Send the claimed requests, with no transaction open. */
+/*
+ * Claim up to as many due requests as there are free items, with a lease;
+ * whether they are all that were due is noted in p->drained.
+ */
 static void
-send_round(Round *round)
+claim(Pipeline *p)
 {
-	set_state(WORKER_SENDING, round->count);
-	pgstat_report_activity(STATE_RUNNING, "sending queued requests");
-	/* no retries within an attempt: the queue retries with its own backoff */
-	taptalk_transport_run(TAPTALK_PATH_QUEUE, round_next, round_done,
-						  round, Min(taptalk_worker_concurrency, round->count), 0);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	int			want = p->nfree;
+	Datum		args[4];
+	TimestampTz now = GetCurrentTimestamp();
+	bool		bounded;
+	TimestampTz last_at = 0;
+	int64		last_id = 0;
+
+	bounded = claim_bound_valid &&
+		!TimestampDifferenceExceeds(last_full_claim, now, POLL_MS);
+	if (!bounded)
+		last_full_claim = now;
+	args[0] = Int32GetDatum(want);
+	args[1] = Int32GetDatum(taptalk_timeout_ms + LEASE_MARGIN_MS);
+	args[2] = TimestampTzGetDatum(claim_bound_at);
+	args[3] = Int64GetDatum(claim_bound_id);
+	spi_check(SPI_execute_plan(bounded ? plans.claim_after : plans.claim,
+							   args, NULL, false, 0),
+			  SPI_OK_UPDATE_RETURNING);
+
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		QueueItem  *item = take_item(p);
+		bool		isnull;
+		Datum		d;
+		MemoryContext old;
+
+		item->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		d = SPI_getbinval(tup, desc, 2, &isnull);
+		old = MemoryContextSwitchTo(item->cxt);
+		item->request = DatumGetJsonbPCopy(d);
+		MemoryContextSwitchTo(old);
+		d = SPI_getbinval(tup, desc, 3, &isnull);
+		item->callback = isnull ? InvalidOid : DatumGetObjectId(d);
+		item->role = DatumGetObjectId(SPI_getbinval(tup, desc, 4, &isnull));
+		item->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+		d = SPI_getbinval(tup, desc, 6, &isnull);
+		if (DatumGetTimestampTz(d) > last_at ||
+			(DatumGetTimestampTz(d) == last_at && item->id > last_id))
+		{
+			last_at = DatumGetTimestampTz(d);
+			last_id = item->id;
+		}
+	}
+	p->drained = SPI_processed < (uint64) want;
+	claim_bound_valid = !p->drained;
+	claim_bound_at = last_at;
+	claim_bound_id = last_id;
+}
+
+/*
+ * When nothing was claimed at the start of a run: remove old succeeded
+ * requests, and work out how long the worker may sleep (until the next
+ * retry or lease expiry, at most POLL_MS) and whether it is backing off.
+ */
+static bool
+plan_idle(Pipeline *p, const char *table)
+{
+	uint64		removed = remove_old(table, &last_cleanup);
+
+	p->wait_ms = POLL_MS;
+	p->waiting_retry = false;
+	if (removed == RETENTION_BATCH)
+		p->wait_ms = 10;		/* more to remove */
+	spi_check(SPI_execute(psprintf("SELECT pg_catalog.ceil(1000 * extract(epoch FROM"
+								   " LEAST(queued, leased) - pg_catalog.clock_timestamp()))::pg_catalog.float8,"
+								   " queued IS NOT NULL"
+								   " FROM (SELECT (SELECT min(next_attempt_at) FROM %s WHERE state = 'queued') AS queued,"
+								   "  (SELECT min(lease_until) FROM %s WHERE state = 'sending') AS leased) m",
+								   table, table),
+						  true, 1), SPI_OK_SELECT);
+	if (SPI_processed == 1)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			p->wait_ms = Min(p->wait_ms,
+							 (long) Max(Min(DatumGetFloat8(d), (double) POLL_MS), 10.0));
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2,
+						  &isnull);
+		p->waiting_retry = !isnull && DatumGetBool(d);
+	}
+	return removed > 0;
 }
 
 /*
@@ -710,47 +874,45 @@ text_arg(const char *s, Datum *value, char *null)
 	*null = s ? ' ' : 'n';
 }
 
+/* Keep a step's latest success and error until it commits. */
+static void
+report_after_commit(TimestampTz success, TimestampTz error, const char *error_code)
+{
+	step_success = success;
+	step_error = error;
+	if (error != 0)
+		strlcpy(step_error_code, taptalk_stats_error_name(error_code),
+				sizeof(step_error_code));
+}
+
+/* Show them, now that the step has committed. */
+static void
+report_committed(void)
+{
+	report_outcomes(step_success, step_error, step_error_code);
+	step_success = step_error = 0;
+}
+
 /*
- * Record every finished request of the round and run the callbacks of those
- * that reached a final state, in one transaction.
+ * Record the outcome of every finished request and run the callbacks of
+ * those that reached a final state; their items are freed.
  */
 static void
-record_round(Round *round, const char *table, Oid result_type)
+record_finished(Pipeline *p)
 {
-	char	   *update_sql;
-	char	   *error_sql;
 	TimestampTz last_success = 0;
 	TimestampTz last_error = 0;
 	const char *last_error_code = NULL;
 
-	update_sql = psprintf("UPDATE %s SET state = $2, lease_until = NULL,"
-						  " user_id = $3, error_code = $4, error_field = $5,"
-						  " error_message = $6,"
-						  " next_attempt_at = CASE WHEN $2 = 'queued'"
-						  "  THEN pg_catalog.now() + $7 * interval '1 millisecond'"
-						  "  ELSE next_attempt_at END,"
-						  " finished_at = CASE WHEN $2 = 'queued' THEN NULL"
-						  "  ELSE pg_catalog.clock_timestamp() END"
-						  " WHERE id = $1 AND state = 'sending'",
-						  table);
-	error_sql = psprintf("UPDATE %s SET callback_error = $2 WHERE id = $1",
-						 table);
-
-	begin_step("recording request outcomes");
-	for (int i = 0; i < round->count; i++)
+	for (int f = 0; f < p->nfinished; f++)
 	{
-		QueueItem  *item = &round->items[i];
-		Oid			argtypes[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-		TEXTOID, FLOAT8OID};
+		QueueItem  *item = &p->items[p->finished[f]];
 		Datum		args[7];
 		char		nulls[7];
 		const char *state;
 
-		if (!item->finished)
-			continue;			/* cannot happen; the lease brings it back */
-
 		if (item->result.error_code == NULL)
-			last_success = item->finished_at;
+			last_success = Max(last_success, item->finished_at);
 		else if (item->finished_at >= last_error)
 		{
 			last_error = item->finished_at;
@@ -774,30 +936,191 @@ record_round(Round *round, const char *table, Oid result_type)
 		text_arg(item->result.error_message, &args[5], &nulls[5]);
 		args[6] = Float8GetDatum(backoff_ms(item->attempts));
 
-		spi_check(SPI_execute_with_args(update_sql, 7, argtypes, args, nulls,
-										false, 0), SPI_OK_UPDATE);
+		spi_check(SPI_execute_plan(plans.record, args, nulls, false, 0),
+				  SPI_OK_UPDATE);
 		if (SPI_processed == 0)
 			continue;			/* no longer ours */
 
 		if (strcmp(state, "queued") != 0 && OidIsValid(item->callback))
 		{
-			char	   *error = run_callback(item, result_type);
+			char	   *error = run_callback(item, p->result_type);
 
 			if (error != NULL)
 			{
-				Oid			etypes[2] = {INT8OID, TEXTOID};
 				Datum		eargs[2];
 
 				eargs[0] = Int64GetDatum(item->id);
 				eargs[1] = CStringGetTextDatum(error);
-				spi_check(SPI_execute_with_args(error_sql, 2, etypes, eargs,
-												NULL, false, 0), SPI_OK_UPDATE);
+				spi_check(SPI_execute_plan(plans.callback_error, eargs, NULL,
+										   false, 0), SPI_OK_UPDATE);
 			}
 		}
 	}
-	end_step(true);
-	report_outcomes(last_success, last_error,
-					last_error_code ? taptalk_stats_error_name(last_error_code) : NULL);
+	/* shown once the transaction has committed */
+	report_after_commit(last_success, last_error, last_error_code);
+}
+
+/* Forget the finished requests' outcomes (the queue table is gone). */
+static void
+drop_finished(Pipeline *p)
+{
+	if (p->nfinished > 0)
+		ereport(LOG,
+				(errmsg("taptalk worker: the outcomes of %d requests are not recorded: the queue table is gone",
+						p->nfinished)));
+	for (int f = 0; f < p->nfinished; f++)
+		release_item(p, p->finished[f]);
+	p->nfinished = 0;
+}
+
+/*
+ * One short transaction: record the finished requests' outcomes (with their
+ * callbacks), then claim due requests for the free items.  `first` is the
+ * step that starts a run.  Returns false, and claims nothing, when the
+ * extension is not installed, or no longer holds the run's queue table.
+ */
+static bool
+pipeline_step(Pipeline *p, bool first)
+{
+	Oid			table_oid;
+	char	   *table;
+	Oid			result_type;
+	bool		wrote = false;
+	bool		want_claim = !p->stop;
+	int			recorded = p->nfinished;
+
+	/* a commit from now on may have enqueued what this claim cannot see */
+	if (want_claim && shared != NULL)
+		(void) pg_atomic_exchange_u32(&shared->wake_pending, 0);
+
+	begin_step(recorded > 0 ? "recording request outcomes" : "claiming queued requests");
+	if (!find_extension(&table_oid, &table, &result_type) ||
+		(!first && table_oid != p->table_oid))
+	{
+		drop_finished(p);
+		p->stop = true;
+		end_step(false);
+		return false;
+	}
+	p->table_oid = table_oid;
+	p->result_type = result_type;
+	prepare_plans(table_oid, table);
+
+	/* requests a dead worker left behind go back to the queue */
+	if (!rescued)
+	{
+		spi_check(SPI_execute(psprintf("UPDATE %s SET state = 'queued', lease_until = NULL"
+									   " WHERE state = 'sending'", table),
+							  false, 0), SPI_OK_UPDATE);
+		if (SPI_processed > 0)
+			ereport(LOG,
+					(errmsg("taptalk worker: %llu requests left in state \"sending\" are queued again",
+							(unsigned long long) SPI_processed)));
+		wrote = SPI_processed > 0;
+		rescued = true;
+		last_lease_check = GetCurrentTimestamp();
+	}
+	/* and so do requests whose lease expired */
+	else if (TimestampDifferenceExceeds(last_lease_check, GetCurrentTimestamp(),
+										LEASE_CHECK_MS))
+	{
+		spi_check(SPI_execute_plan(plans.expire, NULL, NULL, false, 0),
+				  SPI_OK_UPDATE);
+		if (SPI_processed > 0)
+			ereport(LOG,
+					(errmsg("taptalk worker: %llu requests whose lease expired are queued again",
+							(unsigned long long) SPI_processed)));
+		wrote = SPI_processed > 0;
+		last_lease_check = GetCurrentTimestamp();
+	}
+
+	if (recorded > 0)
+	{
+		record_finished(p);
+		for (int f = 0; f < p->nfinished; f++)
+			release_item(p, p->finished[f]);
+		p->nfinished = 0;
+		wrote = true;
+	}
+	if (want_claim && p->nfree > 0)
+	{
+		claim(p);
+		wrote = wrote || p->nclaimed > 0;
+		if (first && p->nclaimed == 0)
+			wrote = plan_idle(p, table) || wrote;
+	}
+	end_step(wrote);
+	report_committed();
+	return true;
+}
+
+/*
+ * The transport's source of requests: the claimed requests, one per free
+ * transfer slot.  When none is left, a step records what finished and
+ * claims again, unless nothing finished and the last claim found the queue
+ * drained (and no enqueuing commit woke the worker since).  The steps run
+ * between the transport's waits: no transaction is open while the worker
+ * waits for TapTalk.  The run ends when nothing is claimed or in flight.
+ */
+static TaptalkNext
+pipeline_next(void *arg, int64 *id, StringInfo body)
+{
+	Pipeline   *p = (Pipeline *) arg;
+
+	for (;;)
+	{
+		if (p->next_claimed < p->nclaimed)
+		{
+			int			i = p->claimed[p->next_claimed++];
+			QueueItem  *item = &p->items[i];
+			TaptalkResult failure;
+
+			if (p->next_claimed == p->nclaimed)
+				p->nclaimed = p->next_claimed = 0;
+
+			memset(&failure, 0, sizeof(failure));
+			resetStringInfo(body);
+			/* checked at enqueue, but a row may have been written by hand */
+			if (!JB_ROOT_IS_OBJECT(item->request))
+				taptalk_set_error(&failure, TAPTALK_CODE_PARAM_FAILED, "",
+								  psprintf("Request must be a JSON object, not %s",
+										   taptalk_jsonb_root_kind(item->request)));
+			else if (taptalk_build_request(item->request, body, &failure))
+			{
+				*id = i;
+				p->in_flight++;
+				set_state(WORKER_SENDING, p->in_flight);
+				return TAPTALK_NEXT_REQUEST;
+			}
+			taptalk_stats_rejected(TAPTALK_PATH_QUEUE);
+			finish_item(p, i, &failure);
+			continue;
+		}
+
+		/* a reload is applied between runs: end this one */
+		if (ConfigReloadPending)
+			p->stop = true;
+		if (p->drained && shared != NULL &&
+			pg_atomic_read_u32(&shared->wake_pending) != 0)
+			p->drained = false;
+		if (p->nfinished > 0 || (!p->drained && !p->stop))
+		{
+			(void) pipeline_step(p, false);
+			if (p->nclaimed > 0)
+				continue;
+		}
+		return p->in_flight > 0 ? TAPTALK_NEXT_LATER : TAPTALK_NEXT_NONE;
+	}
+}
+
+static void
+pipeline_done(void *arg, int64 id, TaptalkResult *result)
+{
+	Pipeline   *p = (Pipeline *) arg;
+
+	p->in_flight--;
+	set_state(WORKER_SENDING, p->in_flight);
+	finish_item(p, (int) id, result);
 }
 
 /* Whether the settings needed to reach TapTalk are there. */
@@ -812,9 +1135,7 @@ configured(void)
 void
 taptalk_worker_main(Datum main_arg)
 {
-	Round		round;
-	bool		rescued = false;
-	TimestampTz last_cleanup = 0;
+	Pipeline	pipeline;
 	bool		said_missing = false;
 	bool		said_unconfigured = false;
 
@@ -844,8 +1165,9 @@ taptalk_worker_main(Datum main_arg)
 		on_shmem_exit(worker_detach, (Datum) 0);
 	}
 
-	round.cxt = AllocSetContextCreate(TopMemoryContext, "taptalk worker round",
-									  ALLOCSET_DEFAULT_SIZES);
+	memset(&pipeline, 0, sizeof(pipeline));
+	pipeline.cxt = AllocSetContextCreate(TopMemoryContext, "taptalk worker run",
+										 ALLOCSET_DEFAULT_SIZES);
 
 	ereport(LOG,
 			(errmsg("taptalk worker started for database \"%s\"",
@@ -853,11 +1175,6 @@ taptalk_worker_main(Datum main_arg)
 
 	for (;;)
 	{
-		char	   *table = NULL;
-		Oid			result_type = InvalidOid;
-		long		wait_ms = POLL_MS;
-		bool		waiting_retry = false;
-
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{
@@ -877,9 +1194,8 @@ taptalk_worker_main(Datum main_arg)
 		}
 		said_unconfigured = false;
 
-		MemoryContextReset(round.cxt);
-		if (!claim(&round, &rescued, &last_cleanup, &table, &result_type,
-				   &wait_ms, &waiting_retry))
+		pipeline_begin(&pipeline, taptalk_worker_concurrency);
+		if (!pipeline_step(&pipeline, true))
 		{
 			set_state(WORKER_WAITING_EXTENSION, 0);
 			if (!said_missing)
@@ -896,14 +1212,23 @@ taptalk_worker_main(Datum main_arg)
 							taptalk_database)));
 		said_missing = false;
 
-		if (round.count == 0)
+		if (pipeline.nclaimed == 0)
 		{
-			set_state(waiting_retry ? WORKER_BACKING_OFF : WORKER_IDLE, 0);
-			worker_wait(wait_ms);
+			set_state(pipeline.waiting_retry ? WORKER_BACKING_OFF : WORKER_IDLE, 0);
+			worker_wait(pipeline.wait_ms);
 			continue;
 		}
 
-		send_round(&round);
-		record_round(&round, table, result_type);
+		/*
+		 * Send until nothing is claimed or in flight, refilling each free
+		 * transfer slot through pipeline_next; no retries within an attempt:
+		 * the queue retries with its own backoff.
+		 */
+		in_run = true;
+		pgstat_report_activity(STATE_RUNNING, "sending queued requests");
+		taptalk_transport_run(TAPTALK_PATH_QUEUE, pipeline_next, pipeline_done,
+							  &pipeline, pipeline.size, 0);
+		in_run = false;
+		pgstat_report_activity(STATE_IDLE, NULL);
 	}
 }
