@@ -25,8 +25,9 @@
 #            the drain, whose trigger enqueues (the worker drains meanwhile,
 #            at the default concurrency), (c) into a table whose BEFORE
 #            INSERT trigger calls taptalk_auth_ticket (the 50 ms server):
-#            QUEUE_ROUNDS rounds of a, b, c; after b, the backlog is drained
-#            before the next run.  The figures are the median round of
+#            QUEUE_ROUNDS rounds of a, b, c; after b, the backlog (the
+#            enqueued requests not yet sent) is drained, at concurrency 128
+#            to save time, before the next run.  The figures are the median round of
 #            each, b/a and c/a the medians of the rounds' own ratios.
 #   wake     QUEUE_WAKES times, on an idle queue: enqueue one request and
 #            commit (bench/queue_wake), from the moment the client sends
@@ -44,13 +45,14 @@
 # nginx_counters, nginx_since and target; from bench/slots.sh: SLOT_LOG,
 # SLOT_DELAY_MS, slot_log_size.  Settings (environment):
 # BENCH_QUEUE_REQUESTS (10000), BENCH_QUEUE_CONCURRENCY ("32 128"),
-# BENCH_QUEUE_SECONDS (10), BENCH_QUEUE_ROUNDS (3), BENCH_QUEUE_WAKES (200).
+# BENCH_QUEUE_SECONDS (5), BENCH_QUEUE_ROUNDS (3), BENCH_QUEUE_WAKES (200).
 
 QUEUE_REQUESTS=${BENCH_QUEUE_REQUESTS:-10000}
 QUEUE_CONCURRENCY=${BENCH_QUEUE_CONCURRENCY:-"32 128"}
-QUEUE_SECONDS=${BENCH_QUEUE_SECONDS:-10}
+QUEUE_SECONDS=${BENCH_QUEUE_SECONDS:-5}
 QUEUE_ROUNDS=${BENCH_QUEUE_ROUNDS:-3}
 QUEUE_WAKES=${BENCH_QUEUE_WAKES:-200}
+QUEUE_BACKLOG_CONCURRENCY=128
 QUEUE_TARGET=90
 QUEUE_TARGET_128=1500
 QUEUE_ENQUEUE_TARGET=0.5
@@ -254,22 +256,29 @@ queue_pgbench() {
 		cat "$BENCH_DIR/pgbench_$t.out" >&2
 		exit 1
 	fi
-	last=$(pg -c "SELECT currval('bench_user_id')")
+	last=$(pg -c "SELECT last_value FROM bench_user_id")
 	echo "$tps $first $last"
 }
 
-# queue_enqueue_round: "A_TPS B_TPS C_TPS B_DRAIN_S B_ROWS" of one round
+# queue_enqueue_round: "A_TPS B_TPS C_TPS B_BACKLOG B_DRAIN_S" of one
+# round: B_BACKLOG requests were left when (b) ended, drained in B_DRAIN_S
+# at concurrency QUEUE_BACKLOG_CONCURRENCY (to keep the run short)
 queue_enqueue_round() {
-	local a b c first last rows drain_start drain_s q_first q_last
+	local a b c first last rows backlog drain_start drain_s q_first q_last
 	read -r a _ <<<"$(queue_pgbench plain)"
 	q_first=$(pg -c "SELECT coalesce(max(id), 0) + 1 FROM taptalk_queue")
 	read -r b first last <<<"$(queue_pgbench queued)"
+	backlog=$(pg -c "SELECT count(*) FROM taptalk_queue WHERE state IN ('queued', 'sending')")
+	queue_set_concurrency "$QUEUE_BACKLOG_CONCURRENCY"
 	drain_start=$(date +%s.%N)
 	queue_wait_idle
 	drain_s=$(awk -v s="$drain_start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+	queue_set_concurrency 32
 	q_last=$(pg -c "SELECT max(id) FROM taptalk_queue")
-	rows=$(pg -v first="$first" -v last="$last" \
-		-c "SELECT count(*) FROM bench_users_queued WHERE id BETWEEN :first AND :last")
+	rows=$(pg -v first="$first" -v last="$last" <<'SQL'
+SELECT count(*) FROM bench_users_queued WHERE id BETWEEN :first AND :last;
+SQL
+)
 	check_count "enqueue (b): one request per row" "$rows" "$((q_last - q_first + 1))"
 	queue_check_requests "$q_first" "$q_last" "enqueue (b)"
 	read -r c first last <<<"$(queue_pgbench sync)"
@@ -279,7 +288,7 @@ FROM bench_users_sync WHERE id BETWEEN :first AND :last;
 SQL
 )
 	check_count "enqueue (c): rows provisioned" "${rows#* }" "${rows% *}"
-	echo "$a $b $c $drain_s ${rows#* }"
+	echo "$a $b $c $backlog $drain_s"
 }
 
 # queue_wake: one line "ID COMMIT_SENT ARRIVAL" per wake-up in
@@ -312,7 +321,7 @@ SQL
 }
 
 # queue_phase: everything, into $BENCH_DIR/queue_drains (C SECONDS
-# CONNECTIONS), queue_rounds (ROUND A B C B_DRAIN_S B_ROWS) and wakes
+# CONNECTIONS), queue_rounds (ROUND A B C B_BACKLOG B_DRAIN_S) and wakes
 queue_phase() {
 	local c out round
 	queue_setup
@@ -360,10 +369,11 @@ queue_report() {
 	echo "== enqueue cost (pgbench -c $PGBENCH_CLIENTS -j $PGBENCH_THREADS -M prepared, ${QUEUE_SECONDS}s per run, inserting users:"
 	echo "   (a) no trigger, (b) a trigger calling taptalk_enqueue, the worker draining at concurrency 32,"
 	echo "   (c) a trigger calling taptalk_auth_ticket, ${SLOT_DELAY_MS} ms per request)"
-	printf "%5s | %8s | %8s | %8s | %6s | %6s | %s\n" round "a tps" "b tps" "c tps" b/a c/a "b's backlog drained after"
-	while read -r round a b c drain rows; do
-		awk -v r="$round" -v a="$a" -v b="$b" -v c="$c" -v drain="$drain" 'BEGIN {
-			printf "%5d | %8.0f | %8.0f | %8.1f | %6.3f | %6.3f | %ss\n", r, a, b, c, b / a, c / a, drain }'
+	printf "%6s | %8s | %8s | %8s | %6s | %6s | %s\n" round "a tps" "b tps" "c tps" b/a c/a "b's backlog"
+	while read -r round a b c backlog drain; do
+		awk -v r="$round" -v a="$a" -v b="$b" -v c="$c" -v backlog="$backlog" -v drain="$drain" 'BEGIN {
+			printf "%6d | %8.0f | %8.0f | %8.1f | %6.3f | %6.4f | %d requests, drained in %ss\n",
+				r, a, b, c, b / a, c / a, backlog, drain }'
 	done <"$BENCH_DIR/queue_rounds"
 	awk '{ printf "%.3f %.4f\n", $3 / $2, $4 / $2 }' "$BENCH_DIR/queue_rounds" >"$BENCH_DIR/queue_ratios"
 	queue_ratio_ba=$(queue_median "$BENCH_DIR/queue_ratios" 1)
@@ -371,7 +381,8 @@ queue_report() {
 	printf "median | %8.0f | %8.0f | %8.1f | %6.3f | %6.4f |\n" \
 		"$(queue_median "$BENCH_DIR/queue_rounds" 2)" "$(queue_median "$BENCH_DIR/queue_rounds" 3)" \
 		"$(queue_median "$BENCH_DIR/queue_rounds" 4)" "$queue_ratio_ba" "$queue_ratio_ca"
-	echo "(b/a and c/a on the median line: the medians of the rounds' own ratios)"
+	echo "(b/a and c/a on the median line: the medians of the rounds' own ratios; b's backlog: the"
+	echo " requests left queued when b ended, drained before the next run at concurrency $QUEUE_BACKLOG_CONCURRENCY)"
 	echo
 	read -r queue_wake_p50 queue_wake_p99 queue_wake_max < <(
 		awk '{ printf "%.1f\n", ($3 - $2) * 1000 }' "$BENCH_DIR/wakes" | sort -g |
