@@ -142,6 +142,14 @@ SELECT path, requests + rejected + attempts + successes + failures + abandoned
 FROM taptalk_stats ORDER BY path;
 SELECT count(*) FROM taptalk_stats_errors WHERE count <> 0;
 
+-- taptalk.stats_kind_id exists from PostgreSQL 18 on, set at server start,
+-- 29 unless set (t/160_stats.pl tests what it does)
+SELECT count(*) = (current_setting('server_version_num')::int >= 180000)::int
+         AS stats_kind_id_where_expected
+FROM pg_settings
+WHERE name = 'taptalk.stats_kind_id' AND context = 'postmaster'
+  AND boot_val = '29' AND min_val = '0' AND max_val = '32';
+
 -- taptalk.track_stats = off: calls on every path in this session reach the
 -- mock but count nothing (a success, a 404, a retried 503, a refused
 -- request, a batch, a refused taptalk_enqueue); the views still read
