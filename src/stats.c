@@ -168,14 +168,15 @@ stats_zero(TaptalkStats *s, bool init, TimestampTz ts)
 /* ---------------------------------------------------------------------------
  * PostgreSQL 18: the counters as a kind of the server's cumulative statistics
  *
- * stats_kind_register() defines taptalk.stats_kind_id and, while the library
- * is preloaded, registers the kind under that ID, and says whether it did;
- * stats_kind_data() returns the kind's shared memory once the server has
- * made it.  The server calls the callbacks: init when it makes its shared
- * memory, reset_all after a crash (and when its statistics file is missing
- * or unreadable), snapshot when it writes the file at a clean shutdown.  The
- * file holds the struct as it is in shared memory, and the startup process
- * reads it back into shared memory byte for byte before anyone can use it.
+ * stats_kind_register(), while the library is preloaded, defines
+ * taptalk.stats_kind_id and registers the kind under that ID, and says
+ * whether it did; stats_kind_data() returns the kind's shared memory once
+ * the server has made it.  The server calls the callbacks: init when it
+ * makes its shared memory, reset_all after a crash (and when its statistics
+ * file is missing or unreadable), snapshot when it writes the file at a
+ * clean shutdown.  The file holds the struct as it is in shared memory, and
+ * the startup process reads it back into shared memory byte for byte before
+ * anyone can use it.
  * ---------------------------------------------------------------------------
  */
 #if PG_VERSION_NUM >= 180000
@@ -234,6 +235,10 @@ check_stats_kind_id(int *newval, void **extra, GucSource source)
 static bool
 stats_kind_register(void)
 {
+	/* a setting read at server start can only be defined then */
+	if (!process_shared_preload_libraries_in_progress)
+		return false;
+
 	DefineCustomIntVariable("taptalk.stats_kind_id",
 							"Sets the ID of taptalk's statistics among the server's cumulative statistics.",
 							"Under this ID, which no other extension may use, "
@@ -246,7 +251,7 @@ stats_kind_register(void)
 							0,
 							check_stats_kind_id, NULL, NULL);
 
-	if (!process_shared_preload_libraries_in_progress || stats_kind_id == 0)
+	if (stats_kind_id == 0)
 		return false;
 	pgstat_register_kind((PgStat_Kind) stats_kind_id, &stats_kind_info);
 	return true;
