@@ -205,7 +205,9 @@ for (1 .. 500)
 }
 ok($pid, 'a request is in flight');
 ok(kill('KILL', $pid), 'its backend is killed with SIGKILL');
-$bg->quit;
+# psql may have exited already, its connection lost: then telling it to
+# quit fails on a closed pipe, which is no failure of the test
+eval { $bg->quit; };
 
 # the postmaster restarts the cluster; wait until it accepts connections
 my $up = 0;
