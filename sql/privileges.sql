@@ -1,9 +1,11 @@
 --
 -- privileges: who may point the request, read the key and call the function.
 --
--- the settings' contexts and flags
+-- the settings' contexts and flags (but taptalk.stats_kind_id, which only
+-- PostgreSQL 18 has: see stats)
 SELECT name, context, vartype, unit, min_val, max_val, boot_val
-FROM pg_settings WHERE name LIKE 'taptalk.%' ORDER BY name;
+FROM pg_settings WHERE name LIKE 'taptalk.%' AND name <> 'taptalk.stats_kind_id'
+ORDER BY name;
 
 \c - taptalk_app
 -- a non-superuser cannot SET where the request goes, nor the key

@@ -142,6 +142,44 @@ SELECT path, requests + rejected + attempts + successes + failures + abandoned
 FROM taptalk_stats ORDER BY path;
 SELECT count(*) FROM taptalk_stats_errors WHERE count <> 0;
 
+-- taptalk.stats_kind_id exists from PostgreSQL 18 on, set at server start,
+-- 29 unless set (t/160_stats.pl tests what it does)
+SELECT count(*) = (current_setting('server_version_num')::int >= 180000)::int
+         AS stats_kind_id_where_expected
+FROM pg_settings
+WHERE name = 'taptalk.stats_kind_id' AND context = 'postmaster'
+  AND boot_val = '29' AND min_val = '0' AND max_val = '32';
+
+-- taptalk.track_stats = off: calls on every path in this session reach the
+-- mock but count nothing (a success, a 404, a retried 503, a refused
+-- request, a batch, a refused taptalk_enqueue); the views still read
+SHOW taptalk.track_stats;
+SET taptalk.track_stats = off;
+SELECT mock_mark() AS mark \gset
+SELECT user_id FROM taptalk_auth_ticket(req('stats-off-1'));
+SELECT error_code FROM taptalk_auth_ticket(req('fault-status-404'));
+SET taptalk.max_retries = 1;
+SELECT error_code FROM taptalk_auth_ticket(req('fault-status-503'));
+RESET taptalk.max_retries;
+SELECT error_code FROM taptalk_auth_ticket(req('stats-off-2') - 'fullName');
+SELECT ord, user_id, error_code
+FROM taptalk_auth_tickets(ARRAY[req('stats-off-b1'), req('fault-envelope500'),
+                                '[1]'::jsonb]);
+SELECT taptalk_enqueue(req('stats-off-q') - 'fullName') AS off_id \gset
+SELECT count(*) AS requests_the_mock_received FROM mock_requests(:mark);
+SELECT path, requests + rejected + attempts + successes + failures + abandoned
+       + connections + bytes_sent + bytes_received AS total, latency_sum_ms,
+       latency_buckets
+FROM taptalk_stats ORDER BY path;
+SELECT count(*) FROM taptalk_stats_errors WHERE count <> 0;
+SELECT count(*) FROM taptalk_stats_latency WHERE count <> 0;
+DELETE FROM taptalk_queue WHERE id = :off_id;
+-- on again, the next call counts
+RESET taptalk.track_stats;
+SELECT user_id FROM taptalk_auth_ticket(req('stats-on'));
+SELECT path, requests, attempts, successes FROM taptalk_stats WHERE path = 'single';
+SELECT taptalk_stats_reset() IS NOT NULL AS reset;
+
 -- privileges: PUBLIC reads nothing and cannot reset; pg_monitor reads
 CREATE ROLE taptalk_stats_monitor LOGIN IN ROLE pg_monitor;
 \c - taptalk_app
@@ -150,7 +188,11 @@ SELECT * FROM taptalk_stats_errors;
 SELECT * FROM taptalk_stats_latency;
 SELECT * FROM taptalk_stats();
 SELECT taptalk_stats_reset();
+-- taptalk.track_stats is for superusers to set; anyone may read it
+SET taptalk.track_stats = off;
+SHOW taptalk.track_stats;
 \c - taptalk_stats_monitor
+SET taptalk.track_stats = off;
 SELECT path, requests FROM taptalk_stats ORDER BY path;
 SELECT count(*) FROM taptalk_stats_errors;
 SELECT count(*) FROM taptalk_stats_latency;

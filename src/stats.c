@@ -2,21 +2,32 @@
  *
  * stats.c
  *	  Statistics for the taptalk extension: counters in shared memory, one
- *	  set per path (taptalk_auth_ticket, taptalk_auth_tickets), read by the
- *	  views taptalk_stats, taptalk_stats_errors and taptalk_stats_latency and
- *	  zeroed by taptalk_stats_reset().
+ *	  set per path (taptalk_auth_ticket, taptalk_auth_tickets, the queue's
+ *	  worker), read by the views taptalk_stats, taptalk_stats_errors and
+ *	  taptalk_stats_latency and zeroed by taptalk_stats_reset().
  *
  * The counters are 64-bit atomics: recording a request is a handful of
  * atomic additions, with no lock, so neither readers nor a reset ever make a
- * request wait.  A reader takes the counters one by one, so while requests
- * are finishing a row is not one instant's snapshot; once they have finished
- * the counters agree exactly.
+ * request wait, and a reader sees a request as soon as it has finished.  A
+ * reader takes the counters one by one, so while requests are finishing a
+ * row is not one instant's snapshot; once they have finished the counters
+ * agree exactly.  taptalk.track_stats = off stops the recording.
  *
  * The shared memory exists only when the library is preloaded
  * (shared_preload_libraries); otherwise recording does nothing and the
- * functions refuse, as the request functions do.  The counters live as long
- * as the shared memory: they start at zero when the server starts, and again
- * after a crash restart.
+ * functions refuse, as the request functions do.  Where the counters live
+ * depends on the server:
+ *
+ * - PostgreSQL 15 to 17 (and 18 with taptalk.stats_kind_id = 0): a struct of
+ *	 our own from ShmemInitStruct.  The counters start at zero whenever the
+ *	 server starts, and again after a crash restart.
+ * - PostgreSQL 18: the same struct, registered as a fixed-amount kind of
+ *	 the server's cumulative statistics (pgstat_register_kind) under the ID
+ *	 taptalk.stats_kind_id.  The server then allocates it, writes it to its
+ *	 statistics file at a clean shutdown and reads it back at the next start,
+ *	 and zeroes it after a crash, as it does its own statistics.  Recording
+ *	 and reading still go straight to the atomics; nothing is pending in a
+ *	 backend, so nothing needs flushing.
  *
  *-------------------------------------------------------------------------
  */
@@ -32,8 +43,13 @@
 #include "storage/shmem.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
+#if PG_VERSION_NUM >= 180000
+#include "pgstat.h"
+#include "utils/pgstat_internal.h"
+#endif
 
 #include "taptalk.h"
 
@@ -103,7 +119,11 @@ typedef struct TaptalkStats
 	PathStats	paths[TAPTALK_NUM_PATHS];
 } TaptalkStats;
 
+/* the counters in shared memory; NULL when the library was not preloaded */
 static TaptalkStats *stats = NULL;
+
+/* taptalk.track_stats: whether requests are counted */
+static bool track_stats = true;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -113,26 +133,23 @@ PG_FUNCTION_INFO_V1(taptalk_stats_errors);
 PG_FUNCTION_INFO_V1(taptalk_stats_latency);
 PG_FUNCTION_INFO_V1(taptalk_stats_reset);
 
-static void
-stats_shmem_request(void)
-{
-	if (prev_shmem_request_hook)
-		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(TaptalkStats)));
-}
-
-/* a PathStats is an array of counters */
+/* a PathStats is an array of counters, and so is a TaptalkStats */
 #define COUNTERS_PER_PATH (sizeof(PathStats) / sizeof(pg_atomic_uint64))
 StaticAssertDecl(sizeof(PathStats) % sizeof(pg_atomic_uint64) == 0,
 				 "PathStats must hold counters only");
+StaticAssertDecl(sizeof(TaptalkStats) % sizeof(pg_atomic_uint64) == 0,
+				 "TaptalkStats must hold counters only");
 
-/* Set every counter to zero (init: for the first time) and note the time. */
+/*
+ * Set every counter of s to zero and stats_reset to ts.  init: s is new
+ * memory, whose atomics are initialized rather than written.
+ */
 static void
-stats_zero(bool init)
+stats_zero(TaptalkStats *s, bool init, TimestampTz ts)
 {
 	for (int p = 0; p < TAPTALK_NUM_PATHS; p++)
 	{
-		pg_atomic_uint64 *c = (pg_atomic_uint64 *) &stats->paths[p];
+		pg_atomic_uint64 *c = (pg_atomic_uint64 *) &s->paths[p];
 
 		for (size_t i = 0; i < COUNTERS_PER_PATH; i++)
 		{
@@ -143,9 +160,142 @@ stats_zero(bool init)
 		}
 	}
 	if (init)
-		pg_atomic_init_u64(&stats->stats_reset, (uint64) GetCurrentTimestamp());
+		pg_atomic_init_u64(&s->stats_reset, (uint64) ts);
 	else
-		pg_atomic_write_u64(&stats->stats_reset, (uint64) GetCurrentTimestamp());
+		pg_atomic_write_u64(&s->stats_reset, (uint64) ts);
+}
+
+/* ---------------------------------------------------------------------------
+ * PostgreSQL 18: the counters as a kind of the server's cumulative statistics
+ *
+ * stats_kind_register(), while the library is preloaded, defines
+ * taptalk.stats_kind_id and registers the kind under that ID, and says
+ * whether it did; stats_kind_data() returns the kind's shared memory once
+ * the server has made it.  The server calls the callbacks: init when it
+ * makes its shared memory, reset_all after a crash (and when its statistics
+ * file is missing or unreadable), snapshot when it writes the file at a
+ * clean shutdown.  The file holds the struct as it is in shared memory, and
+ * the startup process reads it back into shared memory byte for byte before
+ * anyone can use it.
+ * ---------------------------------------------------------------------------
+ */
+#if PG_VERSION_NUM >= 180000
+
+/* the default ID of the kind; the README says how to choose another */
+#define STATS_KIND_ID_DEFAULT 29
+
+/* taptalk.stats_kind_id: 0, or the ID the kind is registered under */
+static int	stats_kind_id = STATS_KIND_ID_DEFAULT;
+
+static void
+stats_kind_init_cb(void *data)
+{
+	stats_zero((TaptalkStats *) data, true, GetCurrentTimestamp());
+}
+
+static void
+stats_kind_reset_all_cb(TimestampTz ts)
+{
+	stats_zero((TaptalkStats *) pgstat_get_custom_shmem_data(stats_kind_id),
+			   false, ts);
+}
+
+static void
+stats_kind_snapshot_cb(void)
+{
+	pg_atomic_uint64 *from = pgstat_get_custom_shmem_data(stats_kind_id);
+	pg_atomic_uint64 *to = pgstat_get_custom_snapshot_data(stats_kind_id);
+
+	for (size_t i = 0; i < sizeof(TaptalkStats) / sizeof(pg_atomic_uint64); i++)
+		pg_atomic_init_u64(&to[i], pg_atomic_read_u64(&from[i]));
+}
+
+static const PgStat_KindInfo stats_kind_info = {
+	.name = "taptalk",
+	.fixed_amount = true,
+	.write_to_file = true,
+	.shared_size = sizeof(TaptalkStats),
+	.shared_data_off = 0,
+	.shared_data_len = sizeof(TaptalkStats),
+	.init_shmem_cb = stats_kind_init_cb,
+	.reset_all_cb = stats_kind_reset_all_cb,
+	.snapshot_cb = stats_kind_snapshot_cb,
+};
+
+static bool
+check_stats_kind_id(int *newval, void **extra, GucSource source)
+{
+	if (*newval == 0 || pgstat_is_kind_custom((PgStat_Kind) *newval))
+		return true;
+	GUC_check_errdetail("\"taptalk.stats_kind_id\" must be 0 or between %d and %d.",
+						PGSTAT_KIND_CUSTOM_MIN, PGSTAT_KIND_CUSTOM_MAX);
+	return false;
+}
+
+static bool
+stats_kind_register(void)
+{
+	/* a setting read at server start can only be defined then */
+	if (!process_shared_preload_libraries_in_progress)
+		return false;
+
+	DefineCustomIntVariable("taptalk.stats_kind_id",
+							"Sets the ID of taptalk's statistics among the server's cumulative statistics.",
+							"Under this ID, which no other extension may use, "
+							"the statistics are kept across a clean restart. "
+							"0 keeps them in shared memory only, from "
+							"server start to server stop.",
+							&stats_kind_id,
+							STATS_KIND_ID_DEFAULT, 0, PGSTAT_KIND_CUSTOM_MAX,
+							PGC_POSTMASTER,
+							0,
+							check_stats_kind_id, NULL, NULL);
+
+	if (stats_kind_id == 0)
+		return false;
+	pgstat_register_kind((PgStat_Kind) stats_kind_id, &stats_kind_info);
+	return true;
+}
+
+static TaptalkStats *
+stats_kind_data(void)
+{
+	return (TaptalkStats *) pgstat_get_custom_shmem_data(stats_kind_id);
+}
+
+#else							/* PG_VERSION_NUM < 180000 */
+
+/* Before PostgreSQL 18 there is no such kind: the counters are our own. */
+static bool
+stats_kind_register(void)
+{
+	return false;
+}
+
+static TaptalkStats *
+stats_kind_data(void)
+{
+	return NULL;
+}
+
+#endif							/* PG_VERSION_NUM >= 180000 */
+
+/* ---------------------------------------------------------------------------
+ * Setting up: the settings, and the shared memory
+ * ---------------------------------------------------------------------------
+ */
+
+/* whether the counters are a kind of the server's statistics (PG 18) */
+static bool stats_in_pgstat = false;
+
+static void
+stats_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	/* the server sizes a statistics kind's memory itself */
+	if (!stats_in_pgstat)
+		RequestAddinShmemSpace(MAXALIGN(sizeof(TaptalkStats)));
 }
 
 static void
@@ -156,26 +306,62 @@ stats_shmem_startup(void)
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 
+	if (stats_in_pgstat)
+	{
+		/* made and initialized by the server with its own statistics */
+		stats = stats_kind_data();
+		return;
+	}
+
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	stats = ShmemInitStruct("taptalk stats", sizeof(TaptalkStats), &found);
 	if (!found)
-		stats_zero(true);
+		stats_zero(stats, true, GetCurrentTimestamp());
 	LWLockRelease(AddinShmemInitLock);
 }
 
 /*
- * Called from _PG_init: ask for the shared memory when the library is being
- * preloaded; without that there are no statistics.
+ * Called from _PG_init, before the "taptalk" prefix is reserved (so that
+ * the settings' values in postgresql.conf are kept): define the settings,
+ * and, when the library is being preloaded, ask for the shared memory or
+ * register the statistics kind that holds it; without that there are no
+ * statistics.
  */
 void
 taptalk_stats_init(void)
 {
+	DefineCustomBoolVariable("taptalk.track_stats",
+							 "Collects statistics of the requests to TapTalk.",
+							 "When off, no path counts anything; the "
+							 "statistics views still show the counters.",
+							 &track_stats,
+							 true,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
+
+	stats_in_pgstat = stats_kind_register();
+
 	if (!process_shared_preload_libraries_in_progress)
 		return;
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = stats_shmem_request;
 	prev_shmem_startup_hook = shmem_startup_hook;
 	shmem_startup_hook = stats_shmem_startup;
+}
+
+/* ---------------------------------------------------------------------------
+ * Recording, by every path
+ * ---------------------------------------------------------------------------
+ */
+
+/* the counters of a path, or NULL when nothing is to be recorded */
+static inline PathStats *
+recording(TaptalkPath path)
+{
+	if (stats == NULL || !track_stats)
+		return NULL;
+	return &stats->paths[path];
 }
 
 static inline void
@@ -188,19 +374,20 @@ add(pg_atomic_uint64 *counter, uint64 n)
 void
 taptalk_stats_rejected(TaptalkPath path)
 {
-	if (stats != NULL)
-		add(&stats->paths[path].rejected, 1);
+	PathStats  *s = recording(path);
+
+	if (s != NULL)
+		add(&s->rejected, 1);
 }
 
 void
 taptalk_stats_attempt(TaptalkPath path, uint64 connections,
 					  uint64 bytes_sent, uint64 bytes_received)
 {
-	PathStats  *s;
+	PathStats  *s = recording(path);
 
-	if (stats == NULL)
+	if (s == NULL)
 		return;
-	s = &stats->paths[path];
 	add(&s->attempts, 1);
 	add(&s->connections, connections);
 	add(&s->bytes_sent, bytes_sent);
@@ -233,12 +420,11 @@ void
 taptalk_stats_finished(TaptalkPath path, const char *error_code,
 					   int64 latency_us)
 {
-	PathStats  *s;
+	PathStats  *s = recording(path);
 	int			b = 0;
 
-	if (stats == NULL)
+	if (s == NULL)
 		return;
-	s = &stats->paths[path];
 	if (latency_us < 0)
 		latency_us = 0;
 	while (b < (int) lengthof(latency_bounds_ms) &&
@@ -256,8 +442,10 @@ taptalk_stats_finished(TaptalkPath path, const char *error_code,
 void
 taptalk_stats_abandoned(TaptalkPath path)
 {
-	if (stats != NULL)
-		add(&stats->paths[path].abandoned, 1);
+	PathStats  *s = recording(path);
+
+	if (s != NULL)
+		add(&s->abandoned, 1);
 }
 
 static void
@@ -407,6 +595,6 @@ Datum
 taptalk_stats_reset(PG_FUNCTION_ARGS)
 {
 	check_stats_available();
-	stats_zero(false);
+	stats_zero(stats, false, GetCurrentTimestamp());
 	PG_RETURN_TIMESTAMPTZ((TimestampTz) pg_atomic_read_u64(&stats->stats_reset));
 }

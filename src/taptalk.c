@@ -238,14 +238,13 @@ _PG_init(void)
 	emit_log_hook = redact_secret_hook;
 
 	taptalk_worker_init();
+	taptalk_stats_init();
 
 #if PG_VERSION_NUM >= 150000
 	MarkGUCPrefixReserved("taptalk");
 #else
 	EmitWarningsOnPlaceholders("taptalk");
 #endif
-
-	taptalk_stats_init();
 }
 
 /*

@@ -35,6 +35,12 @@ HINT:  Add taptalk to "shared_preload_libraries" in postgresql.conf and restart 
 is( (split /\n/, $err)[0],
 	'ERROR:  taptalk must be loaded via "shared_preload_libraries"',
 	'without preload, the batch function refuses');
+($out, $err) = TaptalkTest::psql_out_err($node, 'SELECT * FROM taptalk_worker');
+is( $err,
+	'ERROR:  taptalk must be loaded via "shared_preload_libraries"
+DETAIL:  The background worker runs only when the library is loaded at server start.
+HINT:  Add taptalk to "shared_preload_libraries" in postgresql.conf and restart the server.',
+	'without preload, taptalk_worker says why it has nothing to show');
 
 $node->adjust_conf('postgresql.conf', 'shared_preload_libraries',
 	"'taptalk'");

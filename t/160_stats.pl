@@ -1,14 +1,19 @@
 # t/160_stats.pl: the statistics views under concurrency, across the upgrade
-# from 1.0 and across a crash restart.
+# from 1.0, across a clean restart and across a crash restart.
 #
 # - ALTER EXTENSION taptalk UPDATE TO '1.1' from 1.0 gives the same objects
 #   and privileges as CREATE EXTENSION taptalk (which installs 1.0 and runs
 #   the same upgrade script).
 # - pgbench, 8 clients, each with its own mix of calls: the counters of all
 #   sessions add up exactly to what was called, and to what the mock saw.
+# - A clean restart: on PostgreSQL 18 the counters and stats_reset are kept
+#   exactly (a kind of the server's cumulative statistics, written to its
+#   statistics file at shutdown); before 18 they start again at zero.
 # - A backend killed with SIGKILL while a request is in flight restarts the
-#   server; the views are readable afterwards (the counters start again at
-#   zero: they live in shared memory, which the restart makes anew).
+#   server; the views are readable afterwards and the counters start again
+#   at zero, on every version (PostgreSQL discards statistics after a crash).
+# - PostgreSQL 18 with taptalk.stats_kind_id = 0: the kind is not registered
+#   and a clean restart zeroes the counters; an ID outside 24..32 is refused.
 use strict;
 use warnings;
 
@@ -18,6 +23,9 @@ use TaptalkTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep);
+
+# whether this server keeps the counters across a clean restart
+my $pg18 = 0;
 
 my $mock = TaptalkTest::Mock->start;
 # PostgreSQL::Test::Cluster turns restart_after_crash off; the crash test
@@ -29,6 +37,38 @@ my $node = TaptalkTest::node(
 	conf    => 'restart_after_crash = on');
 
 sub q1 { return $node->safe_psql($_[1] // 'postgres', $_[0]); }
+
+$pg18 = $node->pg_version >= 18;
+
+# every counter of every view, and stats_reset, as one string
+my $everything = q{
+SELECT (SELECT string_agg(format('%s: requests=%s rejected=%s attempts=%s successes=%s failures=%s '
+			|| 'abandoned=%s connections=%s bytes=%s/%s latency_sum_ms=%s buckets=%s',
+			path, requests, rejected, attempts, successes, failures, abandoned, connections,
+			bytes_sent, bytes_received, latency_sum_ms, latency_buckets), '; ' ORDER BY path)
+		FROM taptalk_stats)
+	|| ' | ' || (SELECT string_agg(path || ' ' || error_code || '=' || count, ', '
+			ORDER BY path, error_code) FROM taptalk_stats_errors)
+	|| ' | ' || (SELECT string_agg(path || ' ' || coalesce(le_ms::text, 'more') || '=' || count, ', '
+			ORDER BY path, le_ms) FROM taptalk_stats_latency)
+	|| ' | reset ' || (SELECT DISTINCT stats_reset FROM taptalk_stats)};
+my $totals = q{
+SELECT string_agg(format('%s %s', path, requests + rejected + attempts + successes + failures
+		+ abandoned + connections + bytes_sent + bytes_received), ', ' ORDER BY path)
+FROM taptalk_stats};
+my $zeros = 'batch 0, queue 0, single 0';
+
+# known calls on both paths: 2 successes, a 404, a refused request, and a
+# batch of a success and a 50000
+sub known_calls
+{
+	my ($tag) = @_;
+	q1(qq{SELECT taptalk_auth_ticket(req('$tag-1')), taptalk_auth_ticket(req('$tag-2')),
+		taptalk_auth_ticket(req('fault-status-404')),
+		taptalk_auth_ticket(req('$tag-3') - 'fullName')});
+	q1(qq{SELECT count(*) FROM taptalk_auth_tickets(ARRAY[req('$tag-b1'), req('fault-envelope500')])});
+	return;
+}
 
 # ---------------------------------------------------------------- upgrade
 my $members = q{
@@ -118,7 +158,39 @@ is($mock->count($mock_mark, 'connection'),
 	q1('SELECT sum(connections) FROM taptalk_stats'),
 	'and accepted as many connections as were counted');
 
+# ---------------------------------------------------------------- clean restart
+q1('SELECT taptalk_stats_reset()');
+known_calls('restart');
+my $before = q1($everything);
+like($before, qr/^batch: requests=2 rejected=0 attempts=2 successes=1 failures=1 .*single: requests=3 rejected=1 attempts=3 successes=2 failures=1 /,
+	'known calls are counted');
+my $reset_before = q1('SELECT DISTINCT stats_reset FROM taptalk_stats');
+$log_mark = TaptalkTest::log_offset($node);
+$node->restart;
+if ($pg18)
+{
+	is(q1($everything), $before,
+		'PostgreSQL 18: a clean restart keeps every counter and stats_reset exactly');
+	ok( $node->log_contains(
+			'registered custom cumulative statistics "taptalk" with ID 29', $log_mark),
+		'under the default ID, 29');
+}
+else
+{
+	is(q1($totals), $zeros,
+		'before PostgreSQL 18: the counters start at zero after a clean restart');
+	is( q1(
+			"SELECT stats_reset > '$reset_before' FROM taptalk_stats WHERE path = 'single'"),
+		't', 'and stats_reset is the start');
+}
+
 # ---------------------------------------------------------------- crash
+# counters to lose, and on 18 a statistics file the restart above read
+known_calls('crash');
+isnt(q1($totals), $zeros, 'the counters are not zero before the crash');
+$reset_before = q1('SELECT DISTINCT stats_reset FROM taptalk_stats');
+$log_mark = TaptalkTest::log_offset($node);
+
 # a request that waits 60 s at the mock; its backend is killed meanwhile
 my $bg = $node->background_psql('postgres', on_error_stop => 0);
 $bg->query_until(qr/started/,
@@ -133,7 +205,9 @@ for (1 .. 500)
 }
 ok($pid, 'a request is in flight');
 ok(kill('KILL', $pid), 'its backend is killed with SIGKILL');
-$bg->quit;
+# psql may have exited already, its connection lost: then telling it to
+# quit fails on a closed pipe, which is no failure of the test
+eval { $bg->quit; };
 
 # the postmaster restarts the cluster; wait until it accepts connections
 my $up = 0;
@@ -155,12 +229,50 @@ is( q1(
 		FROM taptalk_stats}),
 	'batch 0 0, queue 0 0, single 0 0',
 	'the views are readable; the counters start again at zero');
+is(q1($totals), $zeros, 'every counter is zero');
+is( q1("SELECT stats_reset > '$reset_before' FROM taptalk_stats WHERE path = 'single'"),
+	't', 'stats_reset says when they were zeroed');
 is(q1('SELECT count(*) FROM taptalk_stats_errors'), 27, 'taptalk_stats_errors is readable');
 is(q1('SELECT count(*) FROM taptalk_stats_latency'), 42, 'taptalk_stats_latency is readable');
 is(q1("SELECT user_id FROM taptalk_auth_ticket(req('after-crash'))"),
 	'tt-after-crash', 'a call works after the restart');
 is(q1("SELECT requests || ' ' || successes FROM taptalk_stats WHERE path = 'single'"),
 	'1 1', 'and is counted');
+
+# ---------------------------------------------------------------- no kind ID
+if ($pg18)
+{
+	# the statistics file written at this shutdown holds the kind, which the
+	# next start does not know: the server discards its whole file once
+	$node->append_conf('postgresql.conf', 'taptalk.stats_kind_id = 0');
+	$log_mark = TaptalkTest::log_offset($node);
+	$node->restart;
+	is(q1('SHOW taptalk.stats_kind_id'), '0', 'taptalk.stats_kind_id = 0');
+	ok( !$node->log_contains('registered custom cumulative statistics', $log_mark),
+		'no statistics kind is registered');
+	ok($node->log_contains('could not find information of kind 29', $log_mark),
+		"the server discarded the statistics file that held taptalk's kind");
+	is(q1($totals), $zeros, 'the counters start at zero');
+
+	known_calls('no-kind');
+	like(q1($everything), qr/single: requests=3 rejected=1 attempts=3 successes=2 failures=1 /,
+		'calls are counted without the kind');
+	$reset_before = q1('SELECT DISTINCT stats_reset FROM taptalk_stats');
+	$node->restart;
+	is(q1($totals), $zeros, 'and a clean restart zeroes them');
+	is( q1("SELECT stats_reset > '$reset_before' FROM taptalk_stats WHERE path = 'single'"),
+		't', 'stats_reset is the start');
+
+	# an ID outside the custom range is refused, as PostgreSQL refuses a
+	# bad value of any extension's setting: a warning, and the default
+	$node->append_conf('postgresql.conf', 'taptalk.stats_kind_id = 23');
+	$log_mark = TaptalkTest::log_offset($node);
+	$node->restart;
+	ok( $node->log_contains(
+			'WARNING:  invalid value for parameter "taptalk.stats_kind_id": 23', $log_mark),
+		'taptalk.stats_kind_id = 23 is refused');
+	is(q1('SHOW taptalk.stats_kind_id'), '29', 'and the default ID is used');
+}
 
 $node->stop;
 $mock->stop;
