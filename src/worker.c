@@ -41,9 +41,11 @@
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "tcop/tcopprot.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
@@ -488,8 +490,8 @@ static void
 prepare_plans(Oid table_oid, const char *table)
 {
 	Oid			claim_types[4] = {INT4OID, INT4OID, TIMESTAMPTZOID, INT8OID};
-	Oid			record_types[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-	TEXTOID, FLOAT8OID};
+	Oid			record_types[7] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+	TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID};
 	Oid			error_types[2] = {INT8OID, TEXTOID};
 
 	if (plans.table_oid == table_oid)
@@ -517,15 +519,21 @@ prepare_plans(Oid table_oid, const char *table)
 	plans.claim_after = keep_plan(psprintf(CLAIM_SQL, table, table,
 										   " AND (next_attempt_at, id) > ($3, $4)"),
 								  4, claim_types);
-	plans.record = keep_plan(psprintf("UPDATE %s SET state = $2, lease_until = NULL,"
-									  " user_id = $3, error_code = $4, error_field = $5,"
-									  " error_message = $6,"
-									  " next_attempt_at = CASE WHEN $2 = 'queued'"
-									  "  THEN pg_catalog.now() + $7 * interval '1 millisecond'"
-									  "  ELSE next_attempt_at END,"
-									  " finished_at = CASE WHEN $2 = 'queued' THEN NULL"
+	/* the outcomes of a step, as arrays: one statement for all */
+	plans.record = keep_plan(psprintf("UPDATE %s q SET state = o.state, lease_until = NULL,"
+									  " user_id = o.user_id, error_code = o.error_code,"
+									  " error_field = o.error_field, error_message = o.error_message,"
+									  " next_attempt_at = CASE WHEN o.state = 'queued'"
+									  "  THEN pg_catalog.now() + o.backoff * interval '1 millisecond'"
+									  "  ELSE q.next_attempt_at END,"
+									  " finished_at = CASE WHEN o.state = 'queued' THEN NULL"
 									  "  ELSE pg_catalog.clock_timestamp() END"
-									  " WHERE id = $1 AND state = 'sending'",
+									  " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
+									  "  pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5),"
+									  "  pg_catalog.unnest($6), pg_catalog.unnest($7))"
+									  "  AS o(id, state, user_id, error_code, error_field, error_message, backoff)"
+									  " WHERE q.id = o.id AND q.state = 'sending'"
+									  " RETURNING q.id",
 									  table),
 							 7, record_types);
 	plans.callback_error = keep_plan(psprintf("UPDATE %s SET callback_error = $2 WHERE id = $1",
@@ -866,14 +874,6 @@ run_callback(QueueItem *item, Oid result_type)
 	return error ? taptalk_mask(error, item->result.ticket) : NULL;
 }
 
-/* The text Datum of a string, and whether it is NULL. */
-static void
-text_arg(const char *s, Datum *value, char *null)
-{
-	*value = s ? CStringGetTextDatum(s) : (Datum) 0;
-	*null = s ? ' ' : 'n';
-}
-
 /* Keep a step's latest success and error until it commits. */
 static void
 report_after_commit(TimestampTz success, TimestampTz error, const char *error_code)
@@ -893,23 +893,56 @@ report_committed(void)
 	step_success = step_error = 0;
 }
 
+/* A one-dimensional array of n Datums of type `type` (NULL where null). */
+static Datum
+datum_array(Datum *values, bool *nulls, int n, Oid type)
+{
+	int16		len;
+	bool		byval;
+	char		align;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(type, &len, &byval, &align);
+	return PointerGetDatum(construct_md_array(values, nulls, 1, dims, lbs,
+											  type, len, byval, align));
+}
+
+/* A text Datum of a string, or a null. */
+static void
+text_elem(const char *s, Datum *value, bool *null)
+{
+	*value = s ? CStringGetTextDatum(s) : (Datum) 0;
+	*null = (s == NULL);
+}
+
 /*
- * Record the outcome of every finished request and run the callbacks of
- * those that reached a final state; their items are freed.
+ * Record the outcomes of the finished requests, in one statement, then run
+ * the callbacks of those that reached a final state.
  */
 static void
 record_finished(Pipeline *p)
 {
+	int			n = p->nfinished;
+	Datum	   *cols[7];
+	bool	   *colnulls[7];
+	Oid			types[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	FLOAT8OID};
+	const char **states = palloc(sizeof(char *) * n);
+	bool	   *recorded = palloc0(sizeof(bool) * n);
+	Datum		args[7];
 	TimestampTz last_success = 0;
 	TimestampTz last_error = 0;
 	const char *last_error_code = NULL;
 
-	for (int f = 0; f < p->nfinished; f++)
+	for (int c = 0; c < 7; c++)
+	{
+		cols[c] = palloc(sizeof(Datum) * n);
+		colnulls[c] = palloc0(sizeof(bool) * n);
+	}
+	for (int f = 0; f < n; f++)
 	{
 		QueueItem  *item = &p->items[p->finished[f]];
-		Datum		args[7];
-		char		nulls[7];
-		const char *state;
 
 		if (item->result.error_code == NULL)
 			last_success = Max(last_success, item->finished_at);
@@ -920,28 +953,51 @@ record_finished(Pipeline *p)
 		}
 
 		if (item->result.error_code == NULL)
-			state = "succeeded";
+			states[f] = "succeeded";
 		else if (retryable(&item->result) &&
 				 item->attempts < taptalk_max_attempts)
-			state = "queued";
+			states[f] = "queued";
 		else
-			state = "failed";
+			states[f] = "failed";
 
-		memset(nulls, ' ', sizeof(nulls));
-		args[0] = Int64GetDatum(item->id);
-		args[1] = CStringGetTextDatum(state);
-		text_arg(item->result.user_id, &args[2], &nulls[2]);
-		text_arg(item->result.error_code, &args[3], &nulls[3]);
-		text_arg(item->result.error_field, &args[4], &nulls[4]);
-		text_arg(item->result.error_message, &args[5], &nulls[5]);
-		args[6] = Float8GetDatum(backoff_ms(item->attempts));
+		cols[0][f] = Int64GetDatum(item->id);
+		cols[1][f] = CStringGetTextDatum(states[f]);
+		text_elem(item->result.user_id, &cols[2][f], &colnulls[2][f]);
+		text_elem(item->result.error_code, &cols[3][f], &colnulls[3][f]);
+		text_elem(item->result.error_field, &cols[4][f], &colnulls[4][f]);
+		text_elem(item->result.error_message, &cols[5][f], &colnulls[5][f]);
+		cols[6][f] = Float8GetDatum(backoff_ms(item->attempts));
+	}
+	for (int c = 0; c < 7; c++)
+		args[c] = datum_array(cols[c], colnulls[c], n, types[c]);
 
-		spi_check(SPI_execute_plan(plans.record, args, nulls, false, 0),
-				  SPI_OK_UPDATE);
-		if (SPI_processed == 0)
-			continue;			/* no longer ours */
+	spi_check(SPI_execute_plan(plans.record, args, NULL, false, 0),
+			  SPI_OK_UPDATE_RETURNING);
 
-		if (strcmp(state, "queued") != 0 && OidIsValid(item->callback))
+	/* the requests the statement updated; the others are no longer ours */
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		bool		isnull;
+		int64		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r],
+													 SPI_tuptable->tupdesc, 1,
+													 &isnull));
+
+		for (int f = 0; f < n; f++)
+		{
+			if (p->items[p->finished[f]].id == id)
+			{
+				recorded[f] = true;
+				break;
+			}
+		}
+	}
+
+	for (int f = 0; f < n; f++)
+	{
+		QueueItem  *item = &p->items[p->finished[f]];
+
+		if (recorded[f] && strcmp(states[f], "queued") != 0 &&
+			OidIsValid(item->callback))
 		{
 			char	   *error = run_callback(item, p->result_type);
 
