@@ -193,8 +193,15 @@ typedef struct KeptPlan
 	SPIPlanPtr	plan;
 } KeptPlan;
 
-/* taptalk_enqueue's INSERT, the statement of every enqueued request */
+/* taptalk_enqueue's INSERT of a valid request: the statement of almost all */
 static KeptPlan enqueue_plan = {InvalidOid, NULL};
+
+/* what taptalk_enqueue looks up once per call site (FmgrInfo.fn_extra) */
+typedef struct EnqueueCache
+{
+	Oid			nsp;			/* the extension's schema */
+	Oid			result_type;	/* taptalk_auth_ticket_result there */
+} EnqueueCache;
 
 /*
  * Run one statement on the queue table as its owner, with a safe
@@ -301,17 +308,16 @@ taptalk_enqueue(PG_FUNCTION_ARGS)
 {
 	Jsonb	   *request;
 	Oid			callback = PG_ARGISNULL(1) ? InvalidOid : PG_GETARG_OID(1);
-	Oid			nsp = own_namespace(fcinfo);
-	Oid			result_type;
+	EnqueueCache *cache = fcinfo->flinfo->fn_extra;
 	Oid			caller = GetUserId();
 	TaptalkResult failure;
 	StringInfoData body;
 	bool		valid;
 	int64		id;
-	Oid			argtypes[7] = {OIDOID, JSONBOID, OIDOID, TEXTOID, TEXTOID,
-	TEXTOID, TEXTOID};
-	Datum		args[7];
-	char		argnulls[7];
+	Oid			argtypes[6] = {OIDOID, JSONBOID, OIDOID, TEXTOID, TEXTOID,
+	TEXTOID};
+	Datum		args[6];
+	char		argnulls[6];
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -320,13 +326,24 @@ taptalk_enqueue(PG_FUNCTION_ARGS)
 	request = PG_GETARG_JSONB_P(0);
 	taptalk_require_object(request);
 
-	result_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
-								  CStringGetDatum(RESULT_TYPE_NAME),
-								  ObjectIdGetDatum(nsp));
-	if (!OidIsValid(result_type))
-		elog(ERROR, "type %s not found", RESULT_TYPE_NAME);
+	/* the extension's schema and result type, once per call site */
+	if (cache == NULL)
+	{
+		Oid			nsp = own_namespace(fcinfo);
+		Oid			result_type;
+
+		result_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
+									  CStringGetDatum(RESULT_TYPE_NAME),
+									  ObjectIdGetDatum(nsp));
+		if (!OidIsValid(result_type))
+			elog(ERROR, "type %s not found", RESULT_TYPE_NAME);
+		cache = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(EnqueueCache));
+		cache->nsp = nsp;
+		cache->result_type = result_type;
+		fcinfo->flinfo->fn_extra = cache;
+	}
 	if (OidIsValid(callback))
-		taptalk_queue_check_callback(callback, caller, result_type);
+		taptalk_queue_check_callback(callback, caller, cache->result_type);
 
 	memset(&failure, 0, sizeof(failure));
 	initStringInfo(&body);
@@ -338,35 +355,16 @@ taptalk_enqueue(PG_FUNCTION_ARGS)
 	args[2] = ObjectIdGetDatum(callback);
 	if (!OidIsValid(callback))
 		argnulls[2] = 'n';
-	args[3] = CStringGetTextDatum(valid ? "queued" : "failed");
-	if (valid)
-	{
-		argnulls[4] = argnulls[5] = argnulls[6] = 'n';
-		args[4] = args[5] = args[6] = (Datum) 0;
-	}
-	else
-	{
-		args[4] = CStringGetTextDatum(failure.error_code);
-		if (failure.error_field)
-			args[5] = CStringGetTextDatum(failure.error_field);
-		else
-		{
-			args[5] = (Datum) 0;
-			argnulls[5] = 'n';
-		}
-		args[6] = CStringGetTextDatum(failure.error_message ? failure.error_message : "");
-	}
-
-	id = run_as_owner(nsp,
-					  "INSERT INTO %s (enqueued_by, request, callback, state,"
-					  " error_code, error_field, error_message, finished_at)"
-					  " VALUES ($1::pg_catalog.regrole, $2, $3::pg_catalog.regprocedure, $4,"
-					  " $5, $6, $7, CASE WHEN $4 = 'failed' THEN pg_catalog.now() END)"
-					  " RETURNING id",
-					  7, argtypes, args, argnulls, false, &enqueue_plan);
 
 	if (valid)
 	{
+		/* the common case, kept prepared: the other columns' defaults */
+		id = run_as_owner(cache->nsp,
+						  "INSERT INTO %s (enqueued_by, request, callback)"
+						  " VALUES ($1::pg_catalog.regrole, $2, $3::pg_catalog.regprocedure)"
+						  " RETURNING id",
+						  3, argtypes, args, argnulls, false, &enqueue_plan);
+
 		if (!xact_callback_registered)
 		{
 			RegisterXactCallback(queue_xact_callback, NULL);
@@ -376,11 +374,28 @@ taptalk_enqueue(PG_FUNCTION_ARGS)
 	}
 	else
 	{
+		args[3] = CStringGetTextDatum(failure.error_code);
+		if (failure.error_field)
+			args[4] = CStringGetTextDatum(failure.error_field);
+		else
+		{
+			args[4] = (Datum) 0;
+			argnulls[4] = 'n';
+		}
+		args[5] = CStringGetTextDatum(failure.error_message ? failure.error_message : "");
+		id = run_as_owner(cache->nsp,
+						  "INSERT INTO %s (enqueued_by, request, callback, state,"
+						  " error_code, error_field, error_message, finished_at)"
+						  " VALUES ($1::pg_catalog.regrole, $2, $3::pg_catalog.regprocedure,"
+						  " 'failed', $4, $5, $6, pg_catalog.now())"
+						  " RETURNING id",
+						  6, argtypes, args, argnulls, false, NULL);
+
 		taptalk_stats_rejected(TAPTALK_PATH_QUEUE);
 		/* nothing will be sent: the outcome is known, hand it over now */
 		if (OidIsValid(callback))
 			taptalk_queue_call_callback(callback, id, request, &failure,
-										result_type);
+										cache->result_type);
 	}
 
 	PG_RETURN_INT64(id);
