@@ -599,6 +599,7 @@ copy_result_to(MemoryContext cxt, TaptalkResult *dst, const TaptalkResult *src)
 typedef struct Pipeline
 {
 	MemoryContext cxt;			/* the run's; reset when a run starts */
+	MemoryContext scratch;		/* building one request's body */
 	int			size;
 	QueueItem  *items;
 	int		   *free;			/* items not in use, a stack */
@@ -643,6 +644,8 @@ static void
 pipeline_begin(Pipeline *p, int size)
 {
 	MemoryContextReset(p->cxt);
+	p->scratch = AllocSetContextCreate(p->cxt, "taptalk request body",
+									   ALLOCSET_SMALL_SIZES);
 	p->size = size;
 	p->items = MemoryContextAllocZero(p->cxt, sizeof(QueueItem) * size);
 	p->free = MemoryContextAlloc(p->cxt, sizeof(int) * size);
@@ -746,7 +749,7 @@ claim(Pipeline *p)
 		item->role = DatumGetObjectId(SPI_getbinval(tup, desc, 4, &isnull));
 		item->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
 		d = SPI_getbinval(tup, desc, 6, &isnull);
-		if (DatumGetTimestampTz(d) > last_at ||
+		if (r == 0 || DatumGetTimestampTz(d) > last_at ||
 			(DatumGetTimestampTz(d) == last_at && item->id > last_id))
 		{
 			last_at = DatumGetTimestampTz(d);
@@ -1130,18 +1133,34 @@ pipeline_next(void *arg, int64 *id, StringInfo body)
 			int			i = p->claimed[p->next_claimed++];
 			QueueItem  *item = &p->items[i];
 			TaptalkResult failure;
+			MemoryContext old;
+			bool		built;
 
 			if (p->next_claimed == p->nclaimed)
 				p->nclaimed = p->next_claimed = 0;
 
+			/*
+			 * What building allocates besides the body (the body's buffer
+			 * is the transport's) goes with the scratch context: a run
+			 * lasts as long as the queue has work, and outside a step the
+			 * current context is TopMemoryContext.
+			 */
+			MemoryContextReset(p->scratch);
+			old = MemoryContextSwitchTo(p->scratch);
 			memset(&failure, 0, sizeof(failure));
 			resetStringInfo(body);
 			/* checked at enqueue, but a row may have been written by hand */
 			if (!JB_ROOT_IS_OBJECT(item->request))
+			{
 				taptalk_set_error(&failure, TAPTALK_CODE_PARAM_FAILED, "",
 								  psprintf("Request must be a JSON object, not %s",
 										   taptalk_jsonb_root_kind(item->request)));
-			else if (taptalk_build_request(item->request, body, &failure))
+				built = false;
+			}
+			else
+				built = taptalk_build_request(item->request, body, &failure);
+			MemoryContextSwitchTo(old);
+			if (built)
 			{
 				*id = i;
 				p->in_flight++;
