@@ -150,7 +150,7 @@ typedef struct QueuePlans
 	SPIPlanPtr	expire;			/* expired leases back to the queue */
 	SPIPlanPtr	claim;			/* $1 due requests, with a lease of $2 ms */
 	SPIPlanPtr	claim_after;	/* the same, after the key ($3, $4) */
-	SPIPlanPtr	record;			/* one request's outcome */
+	SPIPlanPtr	record;			/* the outcomes of a step */
 	SPIPlanPtr	callback_error;
 } QueuePlans;
 
