@@ -42,14 +42,6 @@ my $node = TaptalkTest::node(
 
 sub q1 { return $node->safe_psql($_[1] // 'postgres', $_[0]); }
 
-# wait until no request is queued or being sent
-sub drained
-{
-	my ($what) = @_;
-	ok( $node->poll_query_until('postgres',
-			"SELECT count(*) = 0 FROM taptalk_queue WHERE state IN ('queued', 'sending')"),
-		"queue drained: $what");
-}
 
 q1(q{
 GRANT EXECUTE ON FUNCTION taptalk_enqueue(jsonb, regprocedure) TO taptalk_caller;
@@ -118,7 +110,7 @@ my $t0 = time;
 $node->safe_psql('postgres',
 	"INSERT INTO users (xc) VALUES ('q-1'), ('q-2')",
 	extra_params => [ '-U', 'taptalk_caller' ]);
-drained('two users');
+TaptalkTest::queue_drained($node, 'two users');
 my $elapsed = time - $t0;
 # the worker polls every 5 s; the commit wakes it at once
 cmp_ok($elapsed, '<', 3, 'the commit woke the worker');
@@ -168,7 +160,7 @@ ok( $node->poll_query_until('postgres',
 		"SELECT state = 'backing off' AND queued >= 1 AND last_error_code = 'HTTP_ERROR'"
 		  . " AND oldest_queued_age > interval '0' FROM taptalk_worker"),
 	'taptalk_worker: backing off while a request waits for its retry');
-drained('retries');
+TaptalkTest::queue_drained($node, 'retries');
 is( q1(q{SELECT format('%s %s %s %s', state, queued, failed, last_error_code)
 		FROM taptalk_worker}),
 	'idle 0 3 HTTP_ERROR',
@@ -200,7 +192,7 @@ $node->safe_psql('postgres', q{
 GRANT EXECUTE ON FUNCTION snoop(bigint, jsonb, taptalk_auth_ticket_result) TO taptalk_caller;
 SELECT taptalk_enqueue(req('q-snoop-caller'), 'snoop(bigint, jsonb, taptalk_auth_ticket_result)');
 }, extra_params => [ '-U', 'taptalk_caller' ]);
-drained('failing callbacks');
+TaptalkTest::queue_drained($node, 'failing callbacks');
 is( q1(q{SELECT string_agg(format('%s %s %s %s', request->>'xcUserID', state, user_id,
 		coalesce(callback_error, '-')), ', ' ORDER BY id) FROM taptalk_queue
 		WHERE request->>'xcUserID' IN ('q-boom', 'q-snoop', 'q-after', 'q-snoop-caller')}),
@@ -233,7 +225,7 @@ is( q1(q{SELECT format('%s %s', state, in_flight = sending) FROM taptalk_worker}
 	'sending t', 'taptalk_worker: sending, with the requests in flight');
 $node->stop('immediate');
 $node->start;
-drained('after an immediate shutdown');
+TaptalkTest::queue_drained($node, 'after an immediate shutdown');
 is( q1(q{SELECT count(*) FROM taptalk_queue
 		WHERE request->>'xcUserID' LIKE 'q-c%' AND state = 'succeeded'}),
 	50, 'all 50 requests succeeded after the crash');
@@ -252,11 +244,11 @@ q1(q{SELECT taptalk_enqueue(req('q-k' || i)) FROM generate_series(1, 20) i});
 ok( $node->poll_query_until('postgres',
 		"SELECT count(*) > 0 FROM taptalk_queue WHERE state = 'sending'"),
 	'requests in flight again');
-my $worker_pid = q1("SELECT pid FROM pg_stat_activity WHERE backend_type = 'taptalk worker'");
+my $worker_pid = TaptalkTest::worker_pid($node);
 ok($worker_pid && kill('KILL', $worker_pid), 'the worker is killed with SIGKILL');
 ok($node->wait_for_log(qr/all server processes terminated; reinitializing/, $log_mark),
 	'the server restarts');
-drained('after kill -9 of the worker');
+TaptalkTest::queue_drained($node, 'after kill -9 of the worker');
 is( q1(q{SELECT count(*) FROM taptalk_queue
 		WHERE request->>'xcUserID' LIKE 'q-k%' AND state = 'succeeded'}),
 	20, 'all 20 requests succeeded after the kill');
@@ -274,7 +266,7 @@ my $t1 = time;
 $node->stop('fast');
 cmp_ok(time - $t1, '<', 2, 'a fast shutdown with requests in flight takes less than 2 s');
 $node->start;
-drained('after the fast shutdown');
+TaptalkTest::queue_drained($node, 'after the fast shutdown');
 
 q1('ALTER SYSTEM RESET taptalk.base_url');
 q1('SELECT pg_reload_conf()');

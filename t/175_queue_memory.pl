@@ -40,7 +40,7 @@ sub drain_batch
 # the bytes the worker's TopMemoryContext has in use, from the server log
 sub worker_memory
 {
-	my $pid = q1("SELECT pid FROM pg_stat_activity WHERE backend_type = 'taptalk worker'");
+	my $pid = TaptalkTest::worker_pid($node);
 	my $offset = -s $node->logfile;
 	q1("SELECT pg_log_backend_memory_contexts($pid)");
 	my $re = qr/\[$pid\] .*?level: \d+; TopMemoryContext: .*?; (\d+) used/;

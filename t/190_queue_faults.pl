@@ -47,19 +47,7 @@ sub set_base_url
 	usleep(500_000);	# the worker reloads when its latch is set by SIGHUP
 }
 
-sub worker_pid
-{
-	return q1("SELECT pid FROM pg_stat_activity WHERE backend_type = 'taptalk worker'");
-}
 
-# wait until no request is queued or being sent
-sub drained
-{
-	my ($what) = @_;
-	ok( $node->poll_query_until('postgres',
-			"SELECT count(*) = 0 FROM taptalk_queue WHERE state IN ('queued', 'sending')"),
-		"queue drained: $what");
-}
 
 # wait until at least $n requests of the batch $prefix succeeded
 sub wait_succeeded
@@ -122,14 +110,14 @@ my $mark = $mock->log_mark;
 my $log_mark = -s $node->logfile;
 enqueue_batch('fk', $N);
 ok(wait_succeeded('fk', 500), 'kill -9: draining');
-my $pid = worker_pid();
+my $pid = TaptalkTest::worker_pid($node);
 my $left = q1("SELECT count(*) FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fk-%' "
 	  . "AND state IN ('queued', 'sending')");
 ok($pid && kill('KILL', $pid), "the worker is killed with SIGKILL ($left requests left)");
 cmp_ok($left, '>', 1000, 'in the middle of the drain');
 ok($node->wait_for_log(qr/all server processes terminated; reinitializing/, $log_mark),
 	'the server restarts');
-drained('after kill -9 of the worker');
+TaptalkTest::queue_drained($node, 'after kill -9 of the worker');
 check_batch('fk', $mark, 'kill -9');
 note sprintf('kill -9 part: %.1f s', time - $t0);
 
@@ -143,7 +131,7 @@ $left = q1("SELECT count(*) FROM taptalk_queue WHERE request->>'xcUserID' LIKE '
 cmp_ok($left, '>', 1000, "in the middle of the drain ($left requests left)");
 $node->stop('immediate');
 $node->start;
-drained('after an immediate shutdown');
+TaptalkTest::queue_drained($node, 'after an immediate shutdown');
 check_batch('fi', $mark, 'immediate shutdown');
 note sprintf('immediate shutdown part: %.1f s', time - $t0);
 
@@ -159,7 +147,7 @@ SELECT count(taptalk_enqueue(req('fault-status-400'),
 	'counted(bigint, jsonb, taptalk_auth_ticket_result)'))
 FROM generate_series(1, 3);
 });
-drained('transient failures');
+TaptalkTest::queue_drained($node, 'transient failures');
 is( q1(q{SELECT string_agg(format('%s %s %s %s', kind, state, attempts, n), ', '
 		ORDER BY kind, state, attempts)
 	FROM (SELECT CASE WHEN request->>'xcUserID' LIKE 'fault-flaky-1-ft%' THEN 'flaky'
@@ -187,7 +175,7 @@ my $sock = IO::Socket::INET->new(
 my $closed_port = $sock->sockport;
 close $sock;
 set_base_url("http://127.0.0.1:$closed_port");
-$pid = worker_pid();
+$pid = TaptalkTest::worker_pid($node);
 ok($pid, 'the worker runs');
 
 sub cpu_ticks

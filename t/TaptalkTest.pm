@@ -453,6 +453,36 @@ sub active_pid
 	die "no active query like $like";
 }
 
+=item TaptalkTest::worker_pid($node [, $dbname])
+
+The process id of the queue's background worker (C<backend_type> taptalk
+worker), or the empty string when none runs.
+
+=cut
+
+sub worker_pid
+{
+	my ($node, $dbname) = @_;
+	return $node->safe_psql($dbname // 'postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'taptalk worker'");
+}
+
+=item TaptalkTest::queue_drained($node, $what)
+
+A test that passes once no request of database postgres's queue is queued
+or being sent (poll_query_until's wait).
+
+=cut
+
+sub queue_drained
+{
+	my ($node, $what) = @_;
+	Test::More::ok(
+		$node->poll_query_until('postgres',
+			"SELECT count(*) = 0 FROM taptalk_queue WHERE state IN ('queued', 'sending')"),
+		"queue drained: $what");
+}
+
 =pod
 
 =back
