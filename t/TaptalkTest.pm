@@ -51,6 +51,7 @@ use File::Basename qw(dirname);
 use File::Copy ();
 use File::Path qw(make_path);
 use IPC::Run;
+use POSIX ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -465,6 +466,23 @@ sub worker_pid
 	my ($node, $dbname) = @_;
 	return $node->safe_psql($dbname // 'postgres',
 		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'taptalk worker'");
+}
+
+=item TaptalkTest::cpu_seconds($pid)
+
+The CPU time (user and system) process $pid has used so far, in seconds,
+from /proc.
+
+=cut
+
+sub cpu_seconds
+{
+	my ($pid) = @_;
+	my $stat = PostgreSQL::Test::Utils::slurp_file("/proc/$pid/stat");
+	$stat =~ s/^.*\) //s;	# after the command name
+	my @f = split / /, $stat;
+	# utime and stime, fields 14 and 15
+	return ($f[11] + $f[12]) / POSIX::sysconf(POSIX::_SC_CLK_TCK());
 }
 
 =item TaptalkTest::queue_drained($node, $what)
