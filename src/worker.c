@@ -76,6 +76,13 @@ int			taptalk_retention_s = 86400;
 #define LEASE_MARGIN_MS 60000
 /* expired leases are looked for at most this often */
 #define LEASE_CHECK_MS 1000
+/*
+ * TapTalk out of reach: after this many retryable failures in a row the
+ * worker pauses, then sends one request at a time (a probe) between pauses
+ * that double, up to OUTAGE_MAX_MS, until TapTalk answers one
+ */
+#define OUTAGE_AFTER 10
+#define OUTAGE_MAX_MS (60 * 1000)
 
 /*
  * What the worker is doing, as the view taptalk_worker shows it (the names
@@ -375,6 +382,112 @@ taptalk_worker_status(PG_FUNCTION_ARGS)
 }
 
 /* Wait on the latch for at most `ms`; wakes on SIGTERM and SIGHUP too. */
+/*
+ * Whether a failure may be cured by a later attempt: no answer in time, no
+ * connection, HTTP 429 or 5xx without TapTalk's envelope.
+ */
+static bool
+retryable(const TaptalkResult *result)
+{
+	if (result->error_code == NULL)
+		return false;
+	if (strcmp(result->error_code, TAPTALK_CODE_TIMEOUT) == 0 ||
+		strcmp(result->error_code, TAPTALK_CODE_CONNECTION_FAILED) == 0)
+		return true;
+	if (strcmp(result->error_code, TAPTALK_CODE_HTTP_ERROR) != 0)
+		return false;
+	return result->http_status == 429 || result->http_status >= 500;
+}
+
+/*
+ * Exponential backoff with jitter, in [d/2, d) for d = base * 2^(n-1), at
+ * most max_ms.
+ */
+static double
+backoff_ms(int attempts, int max_ms)
+{
+	uint64		d = (uint64) BACKOFF_BASE_MS << Min(Max(attempts - 1, 0), 20);
+
+	d = Min(d, (uint64) max_ms);
+	return (double) (d / 2 + pg_prng_uint64_range(&pg_global_prng_state, 0, d / 2 - 1));
+}
+
+/*
+ * TapTalk's reachability, as the worker's requests find it: the retryable
+ * failures in a row (no answer in time, no connection, HTTP 429 or 5xx), and
+ * once there are OUTAGE_AFTER of them, the pauses so far and the end of the
+ * current one.  During a pause nothing is claimed; after it, one request at
+ * a time.  A backlog would otherwise be tried request after request while
+ * TapTalk is down, each with its own backoff: the worker busy all the time,
+ * for nothing.
+ */
+static int	outage_failures = 0;
+static int	outage_pauses = 0;
+static TimestampTz outage_until = 0;
+
+static void
+outage_reset(void)
+{
+	outage_failures = 0;
+	outage_pauses = 0;
+	outage_until = 0;
+}
+
+static bool
+in_outage(void)
+{
+	return outage_failures >= OUTAGE_AFTER;
+}
+
+/* The rest of the current pause in ms, 0 when there is none. */
+static long
+outage_pause_left(void)
+{
+	long		secs;
+	int			usecs;
+
+	if (!in_outage() || outage_until <= GetCurrentTimestamp())
+		return 0;
+	TimestampDifference(GetCurrentTimestamp(), outage_until, &secs, &usecs);
+	return secs * 1000 + usecs / 1000 + 1;
+}
+
+/* A sent request's outcome: what it says about TapTalk's reachability. */
+static void
+outage_note(const TaptalkResult *result)
+{
+	if (!retryable(result))
+	{
+		/* TapTalk answered */
+		if (in_outage())
+			ereport(LOG,
+					(errmsg("taptalk worker: TapTalk answers again; sending resumes")));
+		outage_reset();
+		return;
+	}
+	if (++outage_failures < OUTAGE_AFTER || outage_pause_left() > 0)
+		return;
+	/* the first pause, or the probe after a pause failed: pause (again) */
+	if (outage_pauses == 0)
+		ereport(LOG,
+				(errmsg("taptalk worker: %d requests in a row failed (the last: %s); pausing",
+						outage_failures, taptalk_stats_error_name(result->error_code)),
+				 errdetail("One request at a time is sent after each pause until TapTalk answers.")));
+	outage_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+											   (int64) backoff_ms(outage_pauses + 1,
+																  OUTAGE_MAX_MS));
+	outage_pauses++;
+}
+
+/* Apply a reload of the configuration file; TapTalk may be elsewhere now. */
+static void
+reload_config(void)
+{
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	outage_reset();
+}
+
 static void
 worker_wait(long ms)
 {
@@ -383,10 +496,7 @@ worker_wait(long ms)
 	ResetLatch(MyLatch);
 	CHECK_FOR_INTERRUPTS();
 	if (ConfigReloadPending)
-	{
-		ConfigReloadPending = false;
-		ProcessConfigFile(PGC_SIGHUP);
-	}
+		reload_config();
 }
 
 static void
@@ -745,6 +855,19 @@ claim(Pipeline *p)
 	TimestampTz last_at = 0;
 	int64		last_id = 0;
 
+	/* TapTalk out of reach: nothing during a pause, then one probe */
+	if (in_outage())
+	{
+		if (outage_pause_left() > 0 || p->in_flight > 0 || p->nclaimed > 0)
+			want = 0;
+		else
+			want = Min(want, 1);
+		if (want == 0)
+		{
+			p->drained = true;
+			return;
+		}
+	}
 	bounded = claim_bound_valid &&
 		!TimestampDifferenceExceeds(last_full_claim, now, POLL_MS);
 	if (!bounded)
@@ -822,34 +945,13 @@ plan_idle(Pipeline *p, const char *table)
 						  &isnull);
 		p->waiting_retry = !isnull && DatumGetBool(d);
 	}
+	/* due requests wait for the end of a pause */
+	if (outage_pause_left() > 0)
+	{
+		p->wait_ms = Min(Max(outage_pause_left(), 10), (long) POLL_MS);
+		p->waiting_retry = true;
+	}
 	return removed > 0;
-}
-
-/*
- * Whether a failure may be cured by a later attempt: no answer in time, no
- * connection, HTTP 429 or 5xx without TapTalk's envelope.
- */
-static bool
-retryable(const TaptalkResult *result)
-{
-	if (result->error_code == NULL)
-		return false;
-	if (strcmp(result->error_code, TAPTALK_CODE_TIMEOUT) == 0 ||
-		strcmp(result->error_code, TAPTALK_CODE_CONNECTION_FAILED) == 0)
-		return true;
-	if (strcmp(result->error_code, TAPTALK_CODE_HTTP_ERROR) != 0)
-		return false;
-	return result->http_status == 429 || result->http_status >= 500;
-}
-
-/* Exponential backoff with jitter, in [d/2, d) for d = base * 2^(n-1). */
-static double
-backoff_ms(int attempts)
-{
-	uint64		d = (uint64) BACKOFF_BASE_MS << Min(Max(attempts - 1, 0), 20);
-
-	d = Min(d, (uint64) BACKOFF_MAX_MS);
-	return (double) (d / 2 + pg_prng_uint64_range(&pg_global_prng_state, 0, d / 2 - 1));
 }
 
 /*
@@ -995,7 +1097,7 @@ record_finished(Pipeline *p)
 		text_elem(item->result.error_code, &cols[3][f], &colnulls[3][f]);
 		text_elem(item->result.error_field, &cols[4][f], &colnulls[4][f]);
 		text_elem(item->result.error_message, &cols[5][f], &colnulls[5][f]);
-		cols[6][f] = Float8GetDatum(backoff_ms(item->attempts));
+		cols[6][f] = Float8GetDatum(backoff_ms(item->attempts, BACKOFF_MAX_MS));
 	}
 	for (int c = 0; c < 7; c++)
 		args[c] = datum_array(cols[c], colnulls[c], n, types[c]);
@@ -1221,6 +1323,7 @@ pipeline_done(void *arg, int64 id, TaptalkResult *result)
 
 	p->in_flight--;
 	set_state(WORKER_SENDING, p->in_flight);
+	outage_note(result);
 	finish_item(p, (int) id, result);
 }
 
@@ -1278,10 +1381,7 @@ taptalk_worker_main(Datum main_arg)
 	{
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
+			reload_config();
 
 		if (!configured())
 		{

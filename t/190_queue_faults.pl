@@ -10,17 +10,17 @@
 # - One request in five fails once (503) at the mock: all 500 end
 #   succeeded, those at the second attempt, the others at the first;
 #   permanent failures (400) end failed at the first attempt.
-# - TapTalk down for 30 s (taptalk.base_url at a closed port, set by a
-#   reload): 100 requests wait for their retries, none fails, the worker
-#   uses little CPU time meanwhile (no spinning between retries); once TapTalk is back the queue drains.
+# - TapTalk down for 30 s (the mock stopped) with 2,000 requests queued:
+#   after ten failures in a row the worker pauses, then sends one request
+#   at a time between doubling pauses, so it sends few requests and uses
+#   little CPU time meanwhile; none fails; once TapTalk is back on the same
+#   address (no reload) the next probe finds it and the queue drains.
 use strict;
 use warnings;
 
 use FindBin;
 use lib $FindBin::RealBin;
 use TaptalkTest;
-use IO::Socket::INET;
-use POSIX ();
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
@@ -169,68 +169,64 @@ note sprintf('transient failures part: %.1f s', time - $t0);
 
 # ------------------------------------------------------ TapTalk down
 $t0 = time;
-my $sock = IO::Socket::INET->new(
-	LocalAddr => '127.0.0.1', LocalPort => 0, Proto => 'tcp', Listen => 1)
-  or die "socket: $!";
-my $closed_port = $sock->sockport;
-close $sock;
-set_base_url("http://127.0.0.1:$closed_port");
+my $DOWN_N = 2000;
 $pid = TaptalkTest::worker_pid($node);
 ok($pid, 'the worker runs');
+my $log_offset = -s $node->logfile;
+$mock->stop;
+my $cpu0 = TaptalkTest::cpu_seconds($pid);
+my $down_from = time;
+enqueue_batch('fd', $DOWN_N);
 
-sub cpu_ticks
+sub attempts_fd
 {
-	my $stat = slurp_file("/proc/$pid/stat");
-	$stat =~ s/^.*\) //s;	# after the command name
-	my @f = split / /, $stat;
-	return $f[11] + $f[12];	# utime and stime, fields 14 and 15
+	return q1("SELECT sum(attempts) FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-%'");
 }
 
-$mark = $mock->log_mark;
-enqueue_batch('fd', 100);
-my $ticks0 = cpu_ticks();
-my $attempts0 = q1("SELECT sum(attempts) FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-%'");
-my $down_from = time;
-# the worker saw the new setting: its attempts fail to connect
 ok( $node->poll_query_until('postgres',
-		"SELECT count(*) = 100 FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-%' "
-		  . "AND state = 'queued' AND attempts >= 1 AND error_code = 'CONNECTION_FAILED'"),
-	'TapTalk down: the requests wait for a retry');
-ok( $node->poll_query_until('postgres',
-		"SELECT state = 'backing off' AND queued = 100 AND last_error_code = 'CONNECTION_FAILED' "
-		  . "AND last_error > last_success FROM taptalk_worker"),
+		"SELECT state = 'backing off' AND queued + sending = $DOWN_N "
+		  . "AND last_error_code = 'CONNECTION_FAILED' AND last_error > last_success "
+		  . "FROM taptalk_worker"),
 	'taptalk_worker: backing off, the last error CONNECTION_FAILED');
+ok( $node->wait_for_log(
+		qr/taptalk worker: \d+ requests in a row failed \(the last: CONNECTION_FAILED\); pausing/,
+		$log_offset),
+	'the worker says it pauses');
+usleep(1_000_000 * ($down_from + 5 - time)) if time < $down_from + 5;
+my $attempts_5s = attempts_fd();
 usleep(1_000_000 * ($down_from + 30 - time)) if time < $down_from + 30;
-my $cpu = (cpu_ticks() - $ticks0) / POSIX::sysconf(POSIX::_SC_CLK_TCK());
+my $cpu = TaptalkTest::cpu_seconds($pid) - $cpu0;
 my $down_for = time - $down_from;
-my $attempts = q1("SELECT sum(attempts) FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-%'")
-  - $attempts0;
-note sprintf('the worker used %.2f s of CPU in %.1f s while TapTalk was down, '
-	  . 'for %d attempts (%.1f ms each)', $cpu, $down_for, $attempts,
-	$attempts ? 1000 * $cpu / $attempts : 0);
-# about 6 attempts per request in 30 s (backoff 1, 2, 4, 8, 16 s), each a
-# refused connection and two short transactions: a few ms of CPU each;
-# a worker that spun between retries would use most of a core
-cmp_ok($cpu, '<', 5,
-	'the worker used less than 5 s of CPU time in 30 s while TapTalk was down');
+my $attempts = attempts_fd();
+note sprintf('while TapTalk was down for %.1f s: %d attempts (%d after the first 5 s), '
+	  . '%.2f s of worker CPU', $down_for, $attempts, $attempts - $attempts_5s, $cpu);
+# a worker that tried every request with its own backoff: some 10,000
+# attempts in 30 s, several seconds of CPU
+cmp_ok($attempts, '<=', 2 * $CONCURRENCY + 10,
+	"$DOWN_N requests, TapTalk down for 30 s: the worker sent the first few, "
+	  . 'then one at a time between pauses');
+cmp_ok($attempts - $attempts_5s, '>=', 2, 'and kept trying after the first 5 s');
+cmp_ok($cpu, '<', 1,
+	'the worker used less than 1 s of CPU time in 30 s while TapTalk was down');
 is( q1(q{SELECT count(*) FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-%'
 		AND state NOT IN ('queued', 'sending')}),
 	0, 'no request ended while TapTalk was down');
-cmp_ok(q1("SELECT max(attempts) FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-%'"),
-	'>=', 3, 'retried with backoff meanwhile');
-is($mock->count($mark, 'request'), 0, 'nothing reached the mock');
 
+# TapTalk back on the same address: no reload, the next probe finds it
 my $up_at = time;
-set_base_url($mock->base_url);
+$mock->restart;
+$log_offset = -s $node->logfile;
 ok( $node->poll_query_until('postgres',
-		"SELECT count(*) = 100 FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-%' "
+		"SELECT count(*) = $DOWN_N FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-%' "
 		  . "AND state = 'succeeded'"),
 	'TapTalk back: the queue drains');
 note sprintf('drained %.1f s after TapTalk was back', time - $up_at);
+cmp_ok(time - $up_at, '<', 90, 'within 90 s');
+ok($node->log_contains(qr/taptalk worker: TapTalk answers again; sending resumes/, $log_offset),
+	'the worker says sending resumes');
 ok( $node->poll_query_until('postgres',
 		"SELECT state = 'idle' AND queued = 0 AND last_success > last_error FROM taptalk_worker"),
 	'taptalk_worker: idle again, the last success after the last error');
-cmp_ok(time - $up_at, '<', 90, 'within 90 s');
 is( q1(q{SELECT count(*) FROM taptalk_queue q WHERE request->>'xcUserID' LIKE 'fd-%'
 	AND (SELECT count(*) FROM calls k WHERE k.id = q.id) <> 1}),
 	0, 'each of their callbacks ran exactly once');
