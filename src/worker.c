@@ -499,6 +499,20 @@ worker_wait(long ms)
 		reload_config();
 }
 
+/*
+ * Wait until a pause ends, or a reload ends it.  Enqueuing commits do not
+ * end it: they set the latch only when they raise wake_pending, which only
+ * a claim lowers, so they wake the worker once per pause at most.
+ */
+static void
+wait_out_pause(void)
+{
+	long		left;
+
+	while ((left = outage_pause_left()) > 0)
+		worker_wait(left);
+}
+
 static void
 begin_step(const char *activity)
 {
@@ -945,12 +959,9 @@ plan_idle(Pipeline *p, const char *table)
 						  &isnull);
 		p->waiting_retry = !isnull && DatumGetBool(d);
 	}
-	/* due requests wait for the end of a pause */
+	/* due requests wait for the end of a pause (wait_out_pause) */
 	if (outage_pause_left() > 0)
-	{
-		p->wait_ms = Min(Max(outage_pause_left(), 10), (long) POLL_MS);
 		p->waiting_retry = true;
-	}
 	return removed > 0;
 }
 
@@ -1303,7 +1314,8 @@ pipeline_next(void *arg, int64 *id, StringInfo body)
 		/* a reload is applied between runs: end this one */
 		if (ConfigReloadPending)
 			p->stop = true;
-		if (p->drained && shared != NULL &&
+		/* an enqueuing commit: claim again, unless TapTalk is out of reach */
+		if (p->drained && shared != NULL && !in_outage() &&
 			pg_atomic_read_u32(&shared->wake_pending) != 0)
 			p->drained = false;
 		if (p->nfinished > 0 || (!p->drained && !p->stop))
@@ -1416,7 +1428,10 @@ taptalk_worker_main(Datum main_arg)
 		if (pipeline.nclaimed == 0)
 		{
 			set_state(pipeline.waiting_retry ? WORKER_BACKING_OFF : WORKER_IDLE, 0);
-			worker_wait(pipeline.wait_ms);
+			if (outage_pause_left() > 0)
+				wait_out_pause();
+			else
+				worker_wait(pipeline.wait_ms);
 			continue;
 		}
 
