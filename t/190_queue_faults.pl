@@ -13,7 +13,8 @@
 # - TapTalk down for 30 s (the mock stopped) with 2,000 requests queued:
 #   after ten failures in a row the worker pauses, then sends one request
 #   at a time between doubling pauses, so it sends few requests and uses
-#   little CPU time meanwhile; none fails; once TapTalk is back on the same
+#   little CPU time meanwhile, also while 2,000 enqueuing commits arrive
+#   (they wake it once); none fails; once TapTalk is back on the same
 #   address (no reload) the next probe finds it and the queue drains.
 use strict;
 use warnings;
@@ -212,6 +213,25 @@ is( q1(q{SELECT count(*) FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-
 		AND state NOT IN ('queued', 'sending')}),
 	0, 'no request ended while TapTalk was down');
 
+# enqueuing commits meanwhile, a millisecond apart: the paused worker is
+# woken once, not at each
+my $BURST = 2000;
+my $burst_cpu0 = TaptalkTest::cpu_seconds($pid);
+my $burst_from = time;
+q1(qq{DO \$\$ BEGIN
+	FOR i IN 1..$BURST LOOP
+		PERFORM taptalk_enqueue(req('fw-' || i));
+		COMMIT;
+		PERFORM pg_sleep(0.001);
+	END LOOP;
+END \$\$});
+my $burst_for = time - $burst_from;
+my $burst_cpu = TaptalkTest::cpu_seconds($pid) - $burst_cpu0;
+note sprintf('%d enqueuing commits in %.2f s: %.2f s of worker CPU meanwhile',
+	$BURST, $burst_for, $burst_cpu);
+cmp_ok($burst_cpu, '<', 0.1 * $burst_for,
+	"$BURST enqueuing commits while TapTalk is down: the worker used under a tenth of their time");
+
 # TapTalk back on the same address: no reload, the next probe finds it
 my $up_at = time;
 $mock->restart;
@@ -220,6 +240,7 @@ ok( $node->poll_query_until('postgres',
 		"SELECT count(*) = $DOWN_N FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'fd-%' "
 		  . "AND state = 'succeeded'"),
 	'TapTalk back: the queue drains');
+TaptalkTest::queue_drained($node, "TapTalk back: the $BURST requests enqueued meanwhile too");
 note sprintf('drained %.1f s after TapTalk was back', time - $up_at);
 cmp_ok(time - $up_at, '<', 90, 'within 90 s');
 ok($node->log_contains(qr/taptalk worker: TapTalk answers again; sending resumes/, $log_offset),
