@@ -381,7 +381,6 @@ taptalk_worker_status(PG_FUNCTION_ARGS)
 													  values, nulls)));
 }
 
-/* Wait on the latch for at most `ms`; wakes on SIGTERM and SIGHUP too. */
 /*
  * Whether a failure may be cured by a later attempt: no answer in time, no
  * connection, HTTP 429 or 5xx without TapTalk's envelope.
@@ -488,6 +487,7 @@ reload_config(void)
 	outage_reset();
 }
 
+/* Wait on the latch for at most `ms`; wakes on SIGTERM and SIGHUP too. */
 static void
 worker_wait(long ms)
 {
