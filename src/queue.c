@@ -254,13 +254,17 @@ typedef struct QueueColumns
 
 static QueueColumns qcols = {InvalidOid};
 
+/* A column's number, checked to be of the type the values set here have. */
 static AttrNumber
-queue_column(Relation rel, const char *name)
+queue_column(Relation rel, const char *name, Oid type)
 {
 	AttrNumber	attnum = get_attnum(RelationGetRelid(rel), name);
 
 	if (attnum == InvalidAttrNumber)
 		elog(ERROR, "column \"%s\" of the taptalk queue table not found", name);
+	if (TupleDescAttr(RelationGetDescr(rel), attnum - 1)->atttypid != type)
+		elog(ERROR, "column \"%s\" of the taptalk queue table is not of type %s",
+			 name, format_type_be(type));
 	return attnum;
 }
 
@@ -275,18 +279,18 @@ load_queue_columns(Relation rel, Oid nsp)
 	c.id_seq = get_relname_relid(QUEUE_TABLE_NAME "_id_seq", nsp);
 	if (!OidIsValid(c.id_seq))
 		elog(ERROR, "sequence of the taptalk queue table not found");
-	c.id = queue_column(rel, "id");
-	c.enqueued_at = queue_column(rel, "enqueued_at");
-	c.enqueued_by = queue_column(rel, "enqueued_by");
-	c.request = queue_column(rel, "request");
-	c.callback = queue_column(rel, "callback");
-	c.state = queue_column(rel, "state");
-	c.attempts = queue_column(rel, "attempts");
-	c.next_attempt_at = queue_column(rel, "next_attempt_at");
-	c.finished_at = queue_column(rel, "finished_at");
-	c.error_code = queue_column(rel, "error_code");
-	c.error_field = queue_column(rel, "error_field");
-	c.error_message = queue_column(rel, "error_message");
+	c.id = queue_column(rel, "id", INT8OID);
+	c.enqueued_at = queue_column(rel, "enqueued_at", TIMESTAMPTZOID);
+	c.enqueued_by = queue_column(rel, "enqueued_by", REGROLEOID);
+	c.request = queue_column(rel, "request", JSONBOID);
+	c.callback = queue_column(rel, "callback", REGPROCEDUREOID);
+	c.state = queue_column(rel, "state", TEXTOID);
+	c.attempts = queue_column(rel, "attempts", INT4OID);
+	c.next_attempt_at = queue_column(rel, "next_attempt_at", TIMESTAMPTZOID);
+	c.finished_at = queue_column(rel, "finished_at", TIMESTAMPTZOID);
+	c.error_code = queue_column(rel, "error_code", TEXTOID);
+	c.error_field = queue_column(rel, "error_field", TEXTOID);
+	c.error_message = queue_column(rel, "error_message", TEXTOID);
 
 	/* any other column is left null: it must allow that, with no default */
 	for (int i = 0; i < desc->natts; i++)
