@@ -28,7 +28,11 @@
 #            QUEUE_ROUNDS rounds of a, b, c; after b, the backlog (the
 #            enqueued requests not yet sent) is drained, at concurrency 128
 #            to save time, before the next run.  The figures are the median round of
-#            each, b/a and c/a the medians of the rounds' own ratios.
+#            each, b/a and c/a the medians of the rounds' own ratios.  Many
+#            short rounds rather than a few long ones: a and b of a round run
+#            back to back, two seconds each, so that what else the machine
+#            does slows both alike, and an outlier round (an autovacuum of the queue
+#            table, a checkpoint, a neighbour) moves the median little.
 #   wake     QUEUE_WAKES times, on an idle queue: enqueue one request and
 #            commit (bench/queue_wake), from the moment the client sends
 #            COMMIT (its clock) to the request's arrival at nginx (nginx's
@@ -45,12 +49,12 @@
 # nginx_counters, nginx_since and target; from bench/slots.sh: SLOT_LOG,
 # SLOT_DELAY_MS, slot_log_size.  Settings (environment):
 # BENCH_QUEUE_REQUESTS (10000), BENCH_QUEUE_CONCURRENCY ("32 128"),
-# BENCH_QUEUE_SECONDS (4), BENCH_QUEUE_ROUNDS (5), BENCH_QUEUE_WAKES (200).
+# BENCH_QUEUE_SECONDS (2), BENCH_QUEUE_ROUNDS (9), BENCH_QUEUE_WAKES (200).
 
 QUEUE_REQUESTS=${BENCH_QUEUE_REQUESTS:-10000}
 QUEUE_CONCURRENCY=${BENCH_QUEUE_CONCURRENCY:-"32 128"}
-QUEUE_SECONDS=${BENCH_QUEUE_SECONDS:-4}
-QUEUE_ROUNDS=${BENCH_QUEUE_ROUNDS:-5}
+QUEUE_SECONDS=${BENCH_QUEUE_SECONDS:-2}
+QUEUE_ROUNDS=${BENCH_QUEUE_ROUNDS:-9}
 QUEUE_WAKES=${BENCH_QUEUE_WAKES:-200}
 QUEUE_BACKLOG_CONCURRENCY=128
 QUEUE_TARGET=90

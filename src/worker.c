@@ -544,11 +544,17 @@ spi_check(int rc, int expected)
 		elog(ERROR, "SPI query failed: %s", SPI_result_code_string(rc));
 }
 
-/* A statement prepared and kept for the worker's lifetime. */
+/*
+ * A statement prepared and kept for the worker's lifetime, with a generic
+ * plan: planned once, not for each execution (the claim's plan, custom to
+ * each key it starts after, was planned anew for every claim: a tenth of a
+ * draining worker's time).
+ */
 static SPIPlanPtr
 keep_plan(const char *sql, int nargs, Oid *argtypes)
 {
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes,
+										  CURSOR_OPT_GENERIC_PLAN);
 
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -608,17 +614,19 @@ find_extension(Oid *table_oid, char **table, Oid *result_type)
 	"  enqueued_by::pg_catalog.oid, attempts, next_attempt_at"
 
 /*
- * Run a claim with the planner's other ways of finding due requests turned
- * off: the claim reads the index of queued requests in order and stops after
- * $1 of them, which costs the same however long the queue is.  A plan the
- * planner picks from statistics (a bitmap scan and a sort of every due
- * request, when they say few are due; a sequential scan, for a generic plan)
- * reads the whole backlog for every claim: ~90 ms per claim for 128,000
- * queued requests, seen when statistics lagged behind a backlog.  The
- * settings are the worker's own for the statement (callbacks never see them).
+ * Run a claim or a record with the planner's other ways of finding rows
+ * turned off: the claim reads the index of queued requests in order and
+ * stops after $1 of them, the record finds each request by its id, which
+ * costs the same however long the queue is.  A plan the planner picks from
+ * statistics (a bitmap scan and a sort of every due request, when they say
+ * few are due; a sequential scan or a hash join, for a generic plan) reads
+ * the whole backlog each time: ~90 ms per claim for 128,000 queued requests,
+ * seen when statistics lagged behind a backlog.  The settings are the
+ * worker's own for the statement (callbacks never see them), and in force
+ * whenever PostgreSQL plans it again.
  */
 static int
-execute_claim(SPIPlanPtr plan, Datum *args)
+execute_indexed(SPIPlanPtr plan, Datum *args)
 {
 	static const char *const off[] = {"enable_seqscan", "enable_bitmapscan",
 	"enable_sort", "enable_hashjoin", "enable_mergejoin"};
@@ -890,7 +898,7 @@ claim(Pipeline *p)
 	args[1] = Int32GetDatum(taptalk_timeout_ms + LEASE_MARGIN_MS);
 	args[2] = TimestampTzGetDatum(claim_bound_at);
 	args[3] = Int64GetDatum(claim_bound_id);
-	spi_check(execute_claim(bounded ? plans.claim_after : plans.claim, args),
+	spi_check(execute_indexed(bounded ? plans.claim_after : plans.claim, args),
 			  SPI_OK_UPDATE_RETURNING);
 
 	for (uint64 r = 0; r < SPI_processed; r++)
@@ -1113,8 +1121,7 @@ record_finished(Pipeline *p)
 	for (int c = 0; c < 7; c++)
 		args[c] = datum_array(cols[c], colnulls[c], n, types[c]);
 
-	spi_check(SPI_execute_plan(plans.record, args, NULL, false, 0),
-			  SPI_OK_UPDATE_RETURNING);
+	spi_check(execute_indexed(plans.record, args), SPI_OK_UPDATE_RETURNING);
 
 	/* the requests the statement updated; the others are no longer ours */
 	for (uint64 r = 0; r < SPI_processed; r++)
