@@ -149,6 +149,31 @@ SELECT taptalk_enqueue(req('queue-rolled-back')) > 0 AS enqueued;
 ROLLBACK;
 SELECT count(*) FROM taptalk_queue WHERE request->>'xcUserID' = 'queue-rolled-back';
 
+-- taptalk_enqueue writes its row itself: what it does not set stays null,
+-- and the table's constraints still hold; a column with a default it would
+-- not apply is refused (a superuser's changes, undone)
+\set VERBOSITY terse
+BEGIN;
+ALTER TABLE taptalk_queue ADD COLUMN note text;
+SELECT taptalk_enqueue(req('queue-extra-column')) > 0 AS enqueued;
+SELECT note IS NULL AS note_null, state, attempts, enqueued_at = now() AS enqueued_now
+FROM taptalk_queue WHERE request->>'xcUserID' = 'queue-extra-column';
+DELETE FROM taptalk_queue;
+ALTER TABLE taptalk_queue ALTER note SET NOT NULL;
+SELECT taptalk_enqueue(req('queue-not-null'));
+ROLLBACK;
+BEGIN;
+DELETE FROM taptalk_queue;
+ALTER TABLE taptalk_queue ADD CONSTRAINT queue_nothing_queued CHECK (state <> 'queued');
+SELECT taptalk_enqueue(req('queue-check'));
+ROLLBACK;
+BEGIN;
+ALTER TABLE taptalk_queue ADD COLUMN priority int DEFAULT 1;
+SELECT taptalk_enqueue(req('queue-default'));
+ROLLBACK;
+\set VERBOSITY default
+SELECT taptalk_enqueue(req('queue-after-changes')) > 0 AS enqueued;
+
 DELETE FROM taptalk_queue;
 DROP TABLE cb_log;
 DROP FUNCTION cb, cb_private, cb_two, cb_text;

@@ -228,88 +228,126 @@ run_as_owner(Oid nsp, const char *sql, int nargs, Oid *argtypes,
 }
 
 /*
- * Where taptalk_enqueue writes in the queue table: the columns it sets, by
- * attribute number, and the sequence of ids; looked up again when the table
- * is another (the extension was created anew) or has another number of
- * columns.
+ * The columns of the queue table taptalk_enqueue sets, with their types;
+ * any other column is left null.
  */
-typedef struct QueueColumns
+typedef enum QueueColumn
 {
-	Oid			relid;
-	int			natts;
-	Oid			id_seq;
-	AttrNumber	id;
-	AttrNumber	enqueued_at;
-	AttrNumber	enqueued_by;
-	AttrNumber	request;
-	AttrNumber	callback;
-	AttrNumber	state;
-	AttrNumber	attempts;
-	AttrNumber	next_attempt_at;
-	AttrNumber	finished_at;
-	AttrNumber	error_code;
-	AttrNumber	error_field;
-	AttrNumber	error_message;
-} QueueColumns;
+	QC_ID,
+	QC_ENQUEUED_AT,
+	QC_ENQUEUED_BY,
+	QC_REQUEST,
+	QC_CALLBACK,
+	QC_STATE,
+	QC_ATTEMPTS,
+	QC_NEXT_ATTEMPT_AT,
+	QC_FINISHED_AT,
+	QC_ERROR_CODE,
+	QC_ERROR_FIELD,
+	QC_ERROR_MESSAGE,
+	QC_COUNT
+} QueueColumn;
 
-static QueueColumns qcols = {InvalidOid};
-
-/* A column's number, checked to be of the type the values set here have. */
-static AttrNumber
-queue_column(Relation rel, const char *name, Oid type)
+static const struct
 {
-	AttrNumber	attnum = get_attnum(RelationGetRelid(rel), name);
+	const char *name;
+	Oid			type;
+}			queue_column_spec[QC_COUNT] = {
+	[QC_ID] = {"id", INT8OID},
+	[QC_ENQUEUED_AT] = {"enqueued_at", TIMESTAMPTZOID},
+	[QC_ENQUEUED_BY] = {"enqueued_by", REGROLEOID},
+	[QC_REQUEST] = {"request", JSONBOID},
+	[QC_CALLBACK] = {"callback", REGPROCEDUREOID},
+	[QC_STATE] = {"state", TEXTOID},
+	[QC_ATTEMPTS] = {"attempts", INT4OID},
+	[QC_NEXT_ATTEMPT_AT] = {"next_attempt_at", TIMESTAMPTZOID},
+	[QC_FINISHED_AT] = {"finished_at", TIMESTAMPTZOID},
+	[QC_ERROR_CODE] = {"error_code", TEXTOID},
+	[QC_ERROR_FIELD] = {"error_field", TEXTOID},
+	[QC_ERROR_MESSAGE] = {"error_message", TEXTOID},
+};
 
-	if (attnum == InvalidAttrNumber)
-		elog(ERROR, "column \"%s\" of the taptalk queue table not found", name);
-	if (TupleDescAttr(RelationGetDescr(rel), attnum - 1)->atttypid != type)
-		elog(ERROR, "column \"%s\" of the taptalk queue table is not of type %s",
-			 name, format_type_be(type));
-	return attnum;
+/*
+ * Where those columns were in the queue table taptalk_enqueue last wrote,
+ * and the sequence of its ids, looked up by name; checked again at every
+ * call (the table may have been altered since, or be another).
+ */
+static Oid	queue_relid = InvalidOid;
+static Oid	queue_id_seq = InvalidOid;
+static AttrNumber queue_attnum[QC_COUNT];
+
+/* Whether column `c` is where it was found, by name and type. */
+static bool
+queue_column_ok(TupleDesc desc, QueueColumn c)
+{
+	AttrNumber	attnum = queue_attnum[c];
+	Form_pg_attribute att;
+
+	if (attnum < 1 || attnum > desc->natts)
+		return false;
+	att = TupleDescAttr(desc, attnum - 1);
+	return !att->attisdropped &&
+		att->atttypid == queue_column_spec[c].type &&
+		strcmp(NameStr(att->attname), queue_column_spec[c].name) == 0;
 }
 
 static void
-load_queue_columns(Relation rel, Oid nsp)
+find_queue_columns(Relation rel, Oid nsp)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
-	QueueColumns c;
 
-	c.relid = RelationGetRelid(rel);
-	c.natts = desc->natts;
-	c.id_seq = get_relname_relid(QUEUE_TABLE_NAME "_id_seq", nsp);
-	if (!OidIsValid(c.id_seq))
+	queue_relid = InvalidOid;
+	queue_id_seq = get_relname_relid(QUEUE_TABLE_NAME "_id_seq", nsp);
+	if (!OidIsValid(queue_id_seq))
 		elog(ERROR, "sequence of the taptalk queue table not found");
-	c.id = queue_column(rel, "id", INT8OID);
-	c.enqueued_at = queue_column(rel, "enqueued_at", TIMESTAMPTZOID);
-	c.enqueued_by = queue_column(rel, "enqueued_by", REGROLEOID);
-	c.request = queue_column(rel, "request", JSONBOID);
-	c.callback = queue_column(rel, "callback", REGPROCEDUREOID);
-	c.state = queue_column(rel, "state", TEXTOID);
-	c.attempts = queue_column(rel, "attempts", INT4OID);
-	c.next_attempt_at = queue_column(rel, "next_attempt_at", TIMESTAMPTZOID);
-	c.finished_at = queue_column(rel, "finished_at", TIMESTAMPTZOID);
-	c.error_code = queue_column(rel, "error_code", TEXTOID);
-	c.error_field = queue_column(rel, "error_field", TEXTOID);
-	c.error_message = queue_column(rel, "error_message", TEXTOID);
+	for (int c = 0; c < QC_COUNT; c++)
+	{
+		const char *name = queue_column_spec[c].name;
 
-	/* any other column is left null: it must allow that, with no default */
+		queue_attnum[c] = get_attnum(RelationGetRelid(rel), name);
+		if (queue_attnum[c] == InvalidAttrNumber)
+			elog(ERROR, "column \"%s\" of the taptalk queue table not found", name);
+		if (!queue_column_ok(desc, (QueueColumn) c))
+			elog(ERROR, "column \"%s\" of the taptalk queue table is not of type %s",
+				 name, format_type_be(queue_column_spec[c].type));
+	}
+	queue_relid = RelationGetRelid(rel);
+}
+
+/*
+ * Check that taptalk_enqueue may write the queue table `rel` of schema
+ * `nsp` as it does: its columns where they are, of their types, and no
+ * other column with a default it would not apply (NOT NULL and other
+ * constraints are checked on the row).
+ */
+static void
+check_queue_columns(Relation rel, Oid nsp)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+
+	if (RelationGetRelid(rel) != queue_relid)
+		find_queue_columns(rel, nsp);
+	for (int c = 0; c < QC_COUNT; c++)
+	{
+		if (!queue_column_ok(desc, (QueueColumn) c))
+		{
+			find_queue_columns(rel, nsp);
+			break;
+		}
+	}
 	for (int i = 0; i < desc->natts; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, i);
-		AttrNumber	attnum = att->attnum;
+		bool		ours = false;
 
-		if (att->attisdropped || attnum == c.id || attnum == c.enqueued_at ||
-			attnum == c.enqueued_by || attnum == c.request ||
-			attnum == c.callback || attnum == c.state ||
-			attnum == c.attempts || attnum == c.next_attempt_at ||
-			attnum == c.finished_at || attnum == c.error_code ||
-			attnum == c.error_field || attnum == c.error_message)
+		if (att->attisdropped || !att->atthasdef)
 			continue;
-		if (att->attnotnull || att->atthasdef)
-			elog(ERROR, "column \"%s\" of the taptalk queue table is not one taptalk_enqueue can leave null",
+		for (int c = 0; c < QC_COUNT && !ours; c++)
+			ours = (queue_attnum[c] == att->attnum);
+		if (!ours)
+			elog(ERROR, "column \"%s\" of the taptalk queue table has a default, which taptalk_enqueue does not apply",
 				 NameStr(att->attname));
 	}
-	qcols = c;
 }
 
 /*
@@ -337,48 +375,51 @@ insert_request(Oid nsp, Oid caller, Jsonb *request, Oid callback,
 		elog(ERROR, "taptalk queue table not found");
 	rel = table_open(relid, RowExclusiveLock);
 	desc = RelationGetDescr(rel);
-	if (relid != qcols.relid || desc->natts != qcols.natts)
-		load_queue_columns(rel, nsp);
+	check_queue_columns(rel, nsp);
 
 	estate = CreateExecutorState();
 	estate->es_output_cid = GetCurrentCommandId(true);
 	rri = makeNode(ResultRelInfo);
-	InitResultRelInfo(rri, rel, 1, NULL, 0);
+	/* not in a range table: what an error message shows needs no entry */
+	InitResultRelInfo(rri, rel, 0, NULL, 0);
 	ExecOpenIndices(rri, false);
 	slot = ExecInitExtraTupleSlot(estate, desc, &TTSOpsVirtual);
 	ExecClearTuple(slot);
 	memset(slot->tts_isnull, true, sizeof(bool) * desc->natts);
 
-#define SET_COLUMN(att, value) \
+#define SET_COLUMN(c, value) \
 	do { \
-		slot->tts_values[(att) - 1] = (value); \
-		slot->tts_isnull[(att) - 1] = false; \
+		slot->tts_values[queue_attnum[c] - 1] = (value); \
+		slot->tts_isnull[queue_attnum[c] - 1] = false; \
 	} while (0)
 
-	id = nextval_internal(qcols.id_seq, false);
-	SET_COLUMN(qcols.id, Int64GetDatum(id));
-	SET_COLUMN(qcols.enqueued_at, TimestampTzGetDatum(now));
-	SET_COLUMN(qcols.enqueued_by, ObjectIdGetDatum(caller));
-	SET_COLUMN(qcols.request, JsonbPGetDatum(request));
+	id = nextval_internal(queue_id_seq, false);
+	SET_COLUMN(QC_ID, Int64GetDatum(id));
+	SET_COLUMN(QC_ENQUEUED_AT, TimestampTzGetDatum(now));
+	SET_COLUMN(QC_ENQUEUED_BY, ObjectIdGetDatum(caller));
+	SET_COLUMN(QC_REQUEST, JsonbPGetDatum(request));
 	if (OidIsValid(callback))
-		SET_COLUMN(qcols.callback, ObjectIdGetDatum(callback));
-	SET_COLUMN(qcols.attempts, Int32GetDatum(0));
-	SET_COLUMN(qcols.next_attempt_at, TimestampTzGetDatum(now));
+		SET_COLUMN(QC_CALLBACK, ObjectIdGetDatum(callback));
+	SET_COLUMN(QC_ATTEMPTS, Int32GetDatum(0));
+	SET_COLUMN(QC_NEXT_ATTEMPT_AT, TimestampTzGetDatum(now));
 	if (failure == NULL)
-		SET_COLUMN(qcols.state, CStringGetTextDatum("queued"));
+		SET_COLUMN(QC_STATE, CStringGetTextDatum("queued"));
 	else
 	{
-		SET_COLUMN(qcols.state, CStringGetTextDatum("failed"));
-		SET_COLUMN(qcols.finished_at, TimestampTzGetDatum(now));
-		SET_COLUMN(qcols.error_code, CStringGetTextDatum(failure->error_code));
+		SET_COLUMN(QC_STATE, CStringGetTextDatum("failed"));
+		SET_COLUMN(QC_FINISHED_AT, TimestampTzGetDatum(now));
+		SET_COLUMN(QC_ERROR_CODE, CStringGetTextDatum(failure->error_code));
 		if (failure->error_field)
-			SET_COLUMN(qcols.error_field, CStringGetTextDatum(failure->error_field));
-		SET_COLUMN(qcols.error_message,
+			SET_COLUMN(QC_ERROR_FIELD, CStringGetTextDatum(failure->error_field));
+		SET_COLUMN(QC_ERROR_MESSAGE,
 				   CStringGetTextDatum(failure->error_message ? failure->error_message : ""));
 	}
 #undef SET_COLUMN
 	ExecStoreVirtualTuple(slot);
 
+	/* NOT NULL, and any constraint a superuser may have added */
+	if (desc->constr)
+		ExecConstraints(rri, slot, estate);
 	simple_table_tuple_insert(rel, slot);
 #if PG_VERSION_NUM >= 160000
 	(void) ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL, false);
