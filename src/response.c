@@ -19,7 +19,6 @@
  */
 #include "postgres.h"
 
-#include "catalog/namespace.h"
 #include "common/jsonapi.h"
 #include "mb/pg_wchar.h"
 
@@ -30,9 +29,6 @@
  * envelope, and the recursive parser must not be given it.
  */
 #define MAX_RESPONSE_NESTING 64
-
-/* source bytes given to one call of a conversion function */
-#define CONVERSION_CHUNK 8192
 
 /* the envelope members we look for */
 typedef enum EnvelopeMember
@@ -382,91 +378,6 @@ parse_envelope(const char *body, size_t len, EnvelopeState *st,
 		return false;
 	}
 	return true;
-}
-
-/*
- * Convert len bytes of text from encoding src to encoding dest without ever
- * raising an error.  Returns the converted text, or NULL when a character
- * has no equivalent in dest (or src's bytes are not valid in src).  With
- * replace, each character with no equivalent becomes '?' instead (src's
- * bytes must then be valid).
- *
- * The conversion functions of PostgreSQL 14 and later stop at such a
- * character when asked not to raise, and say how far they got.
- */
-char *
-taptalk_convert_encoding(const char *text, int len, int src, int dest,
-						 bool replace)
-{
-	Oid			proc;
-	StringInfoData out;
-	unsigned char *buf;
-	int			buflen = CONVERSION_CHUNK * MAX_CONVERSION_GROWTH + 1;
-	bool		ascii = true;
-
-	if (src == dest)
-		return pnstrdup(text, len);
-
-	/* every server encoding extends ASCII */
-	for (int i = 0; i < len; i++)
-	{
-		if (IS_HIGHBIT_SET(text[i]))
-		{
-			ascii = false;
-			break;
-		}
-	}
-	if (ascii)
-		return pnstrdup(text, len);
-
-	/* SQL_ASCII holds any bytes; only a UTF-8 destination needs a check */
-	if (src == PG_SQL_ASCII || dest == PG_SQL_ASCII)
-	{
-		if (dest == PG_UTF8 && !pg_verify_mbstr(PG_UTF8, text, len, true))
-			return NULL;
-		return pnstrdup(text, len);
-	}
-
-	proc = FindDefaultConversionProc(src, dest);
-	if (!OidIsValid(proc))
-		return NULL;
-
-	initStringInfo(&out);
-	buf = palloc(buflen);
-	while (len > 0)
-	{
-		int			chunk = len;
-		int			done;
-
-		if (chunk > CONVERSION_CHUNK)
-			chunk = pg_encoding_mbcliplen(src, text, len, CONVERSION_CHUNK);
-		done = pg_do_encoding_conversion_buf(proc, src, dest,
-											 (unsigned char *) text, chunk,
-											 buf, buflen, true);
-		appendStringInfoString(&out, (char *) buf);
-		text += done;
-		len -= done;
-		if (done < chunk)
-		{
-			/* text is at a character with no equivalent, or invalid */
-			int			skip;
-
-			if (!replace)
-			{
-				pfree(buf);
-				pfree(out.data);
-				return NULL;
-			}
-			skip = pg_encoding_mblen(src, text);
-			if (skip > len)
-				skip = len;
-			appendStringInfoChar(&out, '?');
-			text += skip;
-			len -= skip;
-		}
-	}
-	pfree(buf);
-	return out.data;
 }
 
 /*

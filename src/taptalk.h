@@ -97,6 +97,9 @@ extern void taptalk_map_response(long http_status, const char *body,
 								 size_t len, TaptalkResult *result);
 extern void taptalk_set_error(TaptalkResult *result, const char *code,
 							  const char *field, const char *message);
+
+/* encoding.c */
+extern void taptalk_encoding_prepare(void);
 extern char *taptalk_convert_encoding(const char *text, int len, int src,
 									  int dest, bool replace);
 

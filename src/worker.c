@@ -1210,6 +1210,8 @@ pipeline_step(Pipeline *p, bool first)
 	p->table_oid = table_oid;
 	p->result_type = result_type;
 	prepare_plans(table_oid, table);
+	/* what building requests and mapping answers needs, between steps */
+	taptalk_encoding_prepare();
 
 	/* requests a dead worker left behind go back to the queue */
 	if (!rescued)
