@@ -92,8 +92,8 @@ GRANT SELECT ON taptalk_stats, taptalk_stats_errors, taptalk_stats_latency TO pg
 -- written by the extension's functions and its worker alone, and has no
 -- CHECK constraint, whose expression PostgreSQL prepares anew for every
 -- INSERT statement (it cost an enqueuing insert about a tenth of its
--- speed); and there is no index on enqueued_by, which the view's filter
--- (the role's own rows, or all for a superuser) cannot use.
+-- speed).  interruptions counts the times the worker stopped (a crash, a
+-- kill, a restart) while the request was being sent.
 CREATE TABLE taptalk_queue (
 	id bigserial PRIMARY KEY,
 	enqueued_at timestamptz NOT NULL DEFAULT now(),
@@ -102,6 +102,7 @@ CREATE TABLE taptalk_queue (
 	callback regprocedure,
 	state text NOT NULL DEFAULT 'queued',
 	attempts integer NOT NULL DEFAULT 0,
+	interruptions integer NOT NULL DEFAULT 0,
 	next_attempt_at timestamptz NOT NULL DEFAULT now(),
 	lease_until timestamptz,
 	finished_at timestamptz,
@@ -112,13 +113,18 @@ CREATE TABLE taptalk_queue (
 	callback_error text
 );
 
--- What the worker claims: queued requests in the order they fall due (it
--- reads the index from its start and stops when it has enough), and
--- requests whose lease expired (their worker died while sending).  An entry
--- turns dead when its request is claimed or recorded; the index scans mark
--- the dead ones, so later scans pass them without reading the table.
-CREATE INDEX taptalk_queue_due ON taptalk_queue (next_attempt_at, id)
+-- What the worker claims: each enqueuing role's queued requests in the
+-- order they fall due (it takes them round robin between the roles, reading
+-- each role's part of the index from its start, or after what it last
+-- claimed, and stops when it has enough), and requests whose lease expired
+-- (their worker died while sending).  An entry turns dead when its request
+-- is claimed or recorded; the index scans mark the dead ones, so later
+-- scans pass them without reading the table.
+CREATE INDEX taptalk_queue_due ON taptalk_queue (enqueued_by, next_attempt_at, id)
 	WHERE state = 'queued';
+-- requests the worker stopped while sending: it sends them one at a time
+CREATE INDEX taptalk_queue_suspect ON taptalk_queue (next_attempt_at, id)
+	WHERE state = 'queued' AND interruptions > 0;
 CREATE INDEX taptalk_queue_leased ON taptalk_queue (lease_until)
 	WHERE state = 'sending';
 -- what the worker removes after taptalk.retention

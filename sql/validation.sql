@@ -116,3 +116,18 @@ SELECT jsonb_typeof((e->>'body')::jsonb->'xcUserID') AS type,
 FROM mock_requests(:mark) e
 GROUP BY 1, 2
 ORDER BY 2;
+
+-- sizes: each field at most 4096 bytes of UTF-8, counted after conversion
+-- (2049 two-byte characters are 4098 bytes), the whole body at most 16384
+-- bytes; a field over the limit fails however large it is, in every path
+SELECT mock_mark() AS mark \gset
+SELECT * FROM taptalk_auth_ticket(req('v-size') || jsonb_build_object('fullName', repeat('x', 4097)));
+SELECT * FROM taptalk_auth_ticket(req('v-size') || jsonb_build_object('email', repeat('é', 2049)));
+SELECT * FROM taptalk_auth_ticket(req('v-size') || jsonb_build_object(
+	'email', repeat('a', 4000), 'phone', repeat('b', 4000), 'username', repeat('c', 4000),
+	'userRoleCode', repeat('d', 4000), 'photoThumbnailURL', repeat('e', 4000)));
+SELECT ord, error_code, error_field, error_message
+FROM taptalk_auth_tickets(ARRAY[req('v-size') || jsonb_build_object('userAgent', repeat('x', 10000000)),
+								req('v-size') || jsonb_build_object('xcUserID', repeat('1', 5000))]);
+-- none of them was sent
+SELECT count(*) AS sent FROM mock_requests(:mark);

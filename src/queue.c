@@ -155,11 +155,15 @@ taptalk_queue_call_callback(Oid callback, int64 id, Jsonb *request,
 	ReleaseTupleDesc(tupdesc);
 
 	fmgr_info(callback, &flinfo);
+	/* a STRICT callback is not called with a NULL request */
+	if (flinfo.fn_strict && request == NULL)
+		return;
 	InitFunctionCallInfoData(*fcinfo, &flinfo, 3, InvalidOid, NULL, NULL);
 	fcinfo->args[0].value = Int64GetDatum(id);
 	fcinfo->args[0].isnull = false;
-	fcinfo->args[1].value = JsonbPGetDatum(request);
-	fcinfo->args[1].isnull = false;
+	/* NULL: a request too large for the worker to read */
+	fcinfo->args[1].value = request ? JsonbPGetDatum(request) : (Datum) 0;
+	fcinfo->args[1].isnull = (request == NULL);
 	fcinfo->args[2].value = HeapTupleGetDatum(tuple);
 	fcinfo->args[2].isnull = false;
 	(void) FunctionCallInvoke(fcinfo);
@@ -240,6 +244,7 @@ typedef enum QueueColumn
 	QC_CALLBACK,
 	QC_STATE,
 	QC_ATTEMPTS,
+	QC_INTERRUPTIONS,
 	QC_NEXT_ATTEMPT_AT,
 	QC_FINISHED_AT,
 	QC_ERROR_CODE,
@@ -260,6 +265,7 @@ static const struct
 	[QC_CALLBACK] = {"callback", REGPROCEDUREOID},
 	[QC_STATE] = {"state", TEXTOID},
 	[QC_ATTEMPTS] = {"attempts", INT4OID},
+	[QC_INTERRUPTIONS] = {"interruptions", INT4OID},
 	[QC_NEXT_ATTEMPT_AT] = {"next_attempt_at", TIMESTAMPTZOID},
 	[QC_FINISHED_AT] = {"finished_at", TIMESTAMPTZOID},
 	[QC_ERROR_CODE] = {"error_code", TEXTOID},
@@ -401,6 +407,7 @@ insert_request(Oid nsp, Oid caller, Jsonb *request, Oid callback,
 	if (OidIsValid(callback))
 		SET_COLUMN(QC_CALLBACK, ObjectIdGetDatum(callback));
 	SET_COLUMN(QC_ATTEMPTS, Int32GetDatum(0));
+	SET_COLUMN(QC_INTERRUPTIONS, Int32GetDatum(0));
 	SET_COLUMN(QC_NEXT_ATTEMPT_AT, TimestampTzGetDatum(now));
 	if (failure == NULL)
 		SET_COLUMN(QC_STATE, CStringGetTextDatum("queued"));
@@ -563,7 +570,7 @@ taptalk_requeue(PG_FUNCTION_ARGS)
 	args[2] = BoolGetDatum(superuser_arg(caller));
 
 	n = run_as_owner(nsp,
-					 "UPDATE %s SET state = 'queued', attempts = 0,"
+					 "UPDATE %s SET state = 'queued', attempts = 0, interruptions = 0,"
 					 " next_attempt_at = pg_catalog.now(), lease_until = NULL,"
 					 " finished_at = NULL, user_id = NULL, error_code = NULL,"
 					 " error_field = NULL, error_message = NULL,"

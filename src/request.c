@@ -74,6 +74,15 @@ param_failure(TaptalkResult *failure, const char *field, const char *message)
 	return false;
 }
 
+/* A field over TAPTALK_MAX_FIELD_BYTES. */
+static bool
+too_long(TaptalkResult *failure, const FieldSpec *spec)
+{
+	return param_failure(failure, spec->code,
+						 psprintf("Param '%s' must be at most %d bytes of UTF-8",
+								  spec->name, TAPTALK_MAX_FIELD_BYTES));
+}
+
 /* Index of the documented field with this key, or -1. */
 static int
 field_index(const char *key, int len)
@@ -168,6 +177,12 @@ check_field(const FieldSpec *spec, JsonbValue *v, char **text,
 
 	if (v->type == jbvString)
 	{
+		/*
+		 * No conversion makes text shorter in bytes: a string over the
+		 * limit fails before it is converted, whatever its size.
+		 */
+		if (v->val.string.len > TAPTALK_MAX_FIELD_BYTES)
+			return too_long(failure, spec);
 		/* TapTalk gets UTF-8, so the checks are made on that */
 		s = taptalk_convert_encoding(v->val.string.val, v->val.string.len,
 									 GetDatabaseEncoding(), PG_UTF8, false);
@@ -178,6 +193,8 @@ check_field(const FieldSpec *spec, JsonbValue *v, char **text,
 										  "Param '%s' cannot be converted to UTF-8",
 										  spec->name));
 		len = strlen(s);
+		if (len > TAPTALK_MAX_FIELD_BYTES)
+			return too_long(failure, spec);
 	}
 	else if (v->type == jbvNumeric && spec->kind == FIELD_USER_ID)
 	{
@@ -290,6 +307,10 @@ taptalk_build_request(Jsonb *request, StringInfo body, TaptalkResult *failure)
 	}
 	appendStringInfoChar(body, '}');
 
+	if (body->len > TAPTALK_MAX_BODY_BYTES)
+		return param_failure(failure, "",
+							 psprintf("Request must be at most %d bytes of JSON",
+									  TAPTALK_MAX_BODY_BYTES));
 	return true;
 }
 

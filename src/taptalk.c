@@ -238,6 +238,7 @@ _PG_init(void)
 	emit_log_hook = redact_secret_hook;
 
 	taptalk_worker_init();
+	taptalk_callback_init();
 	taptalk_stats_init();
 
 #if PG_VERSION_NUM >= 150000

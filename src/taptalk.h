@@ -12,6 +12,7 @@
 
 #include "postgres.h"
 
+#include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
 #include "utils/jsonb.h"
 
@@ -34,6 +35,18 @@
 /* a response body larger than this is cut off while reading */
 #define TAPTALK_MAX_RESPONSE_BYTES (1024 * 1024)
 
+/*
+ * The largest request sent: each field at most TAPTALK_MAX_FIELD_BYTES of
+ * UTF-8, the whole JSON body at most TAPTALK_MAX_BODY_BYTES.  A larger one
+ * fails its check (40002) in every path.  The queue's worker does not even
+ * read a stored request larger than TAPTALK_MAX_STORED_REQUEST_BYTES (only
+ * a row written by hand can be), so its memory is bounded whatever the
+ * queue holds.
+ */
+#define TAPTALK_MAX_FIELD_BYTES 4096
+#define TAPTALK_MAX_BODY_BYTES 16384
+#define TAPTALK_MAX_STORED_REQUEST_BYTES 65536
+
 /* upper bound of taptalk.max_concurrency */
 #define TAPTALK_MAX_CONCURRENCY 256
 
@@ -45,6 +58,8 @@
 #define TAPTALK_CODE_CONNECTION_FAILED "CONNECTION_FAILED"
 #define TAPTALK_CODE_HTTP_ERROR "HTTP_ERROR"
 #define TAPTALK_CODE_INVALID_RESPONSE "INVALID_RESPONSE"
+/* the queue's worker stopped while sending a request, too often */
+#define TAPTALK_CODE_WORKER_STOPPED "WORKER_STOPPED"
 
 /*
  * The outcome of one request, as returned to SQL.  A NULL pointer is a SQL
@@ -160,6 +175,22 @@ extern void taptalk_queue_call_callback(Oid callback, int64 id,
 										Jsonb *request,
 										const TaptalkResult *result,
 										Oid result_type);
+
+/* callback.c */
+extern int	taptalk_callback_timeout_ms;
+extern void taptalk_callback_init(void);
+extern char *taptalk_run_callback(Oid callback, Oid role, int64 id,
+								  Jsonb *request, const TaptalkResult *result,
+								  Oid result_type);
+
+/* claim.c: the worker's claims start from the index's start this often */
+#define TAPTALK_FULL_CLAIM_MS 5000
+extern char *taptalk_claim_sql(const char *table);
+extern char *taptalk_claim_suspect_sql(const char *table);
+extern void taptalk_claim_types(Oid *types);
+extern void taptalk_claim_args(int want, int lease_ms, Datum *args);
+extern void taptalk_claim_taken(int want, int n, const Oid *roles,
+								const TimestampTz *ats, const int64 *ids);
 
 /* worker.c */
 extern int	taptalk_worker_concurrency;

@@ -22,6 +22,7 @@
  */
 #include "postgres.h"
 
+#include "access/detoast.h"
 #include "access/xact.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_type.h"
@@ -72,8 +73,17 @@ int			taptalk_retention_s = 86400;
 /* succeeded requests removed per statement, and how often at most */
 #define RETENTION_BATCH 1000
 #define RETENTION_EVERY_MS 60000
+/*
+ * A request the worker stopped while sending (a crash, a kill, a restart)
+ * is sent again; the TAPTALK_MAX_INTERRUPTIONS-th time it fails instead
+ * (WORKER_STOPPED), and its callback is not run: the request, or its
+ * callback, may be what stops the worker.
+ */
+#define TAPTALK_MAX_INTERRUPTIONS 3
 /* a claimed request's lease: taptalk.timeout plus this */
 #define LEASE_MARGIN_MS 60000
+/* after an error in a step, the worker waits this long before the next */
+#define STEP_ERROR_WAIT_MS 1000
 /* expired leases are looked for at most this often */
 #define LEASE_CHECK_MS 1000
 /*
@@ -145,6 +155,8 @@ typedef struct QueueItem
 	Oid			callback;
 	Oid			role;
 	int			attempts;
+	bool		oversized;		/* request too large to read: not read */
+	bool		stopped;		/* failed as WORKER_STOPPED: no callback */
 	bool		finished;
 	TimestampTz finished_at;
 	TaptalkResult result;
@@ -154,9 +166,11 @@ typedef struct QueueItem
 typedef struct QueuePlans
 {
 	Oid			table_oid;		/* the table they were prepared for */
-	SPIPlanPtr	expire;			/* expired leases back to the queue */
-	SPIPlanPtr	claim;			/* $1 due requests, with a lease of $2 ms */
-	SPIPlanPtr	claim_after;	/* the same, after the key ($3, $4) */
+	SPIPlanPtr	requeue;		/* stranded requests back to the queue */
+	SPIPlanPtr	stranded;		/* stranded requests to fail */
+	SPIPlanPtr	claim;			/* due requests, round robin (claim.c) */
+	SPIPlanPtr	suspect;		/* one request the worker stopped while
+								 * sending */
 	SPIPlanPtr	record;			/* the outcomes of a step */
 	SPIPlanPtr	callback_error;
 } QueuePlans;
@@ -598,22 +612,6 @@ find_extension(Oid *table_oid, char **table, Oid *result_type)
 }
 
 /*
- * The claim: up to $1 due requests, in the order they fell due, each with a
- * lease of $2 ms; the %s in the middle may start the index scan after a key.
- * The claimed rows are updated through the primary key (an array of ids, not
- * a join, whose plan would depend on how many rows the planner expects).
- */
-#define CLAIM_SQL \
-	"UPDATE %s SET state = 'sending'," \
-	" lease_until = pg_catalog.now() + $2 * interval '1 millisecond'," \
-	" attempts = attempts + 1" \
-	" WHERE id = ANY (ARRAY(SELECT id FROM %s" \
-	"  WHERE state = 'queued' AND next_attempt_at <= pg_catalog.now()%s" \
-	"  ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED))" \
-	" RETURNING id, request, callback::pg_catalog.oid," \
-	"  enqueued_by::pg_catalog.oid, attempts, next_attempt_at"
-
-/*
  * Run a claim or a record with the planner's other ways of finding rows
  * turned off: the claim reads the index of queued requests in order and
  * stops after $1 of them, the record finds each request by its id, which
@@ -621,7 +619,10 @@ find_extension(Oid *table_oid, char **table, Oid *result_type)
  * statistics (a bitmap scan and a sort of every due request, when they say
  * few are due; a sequential scan or a hash join, for a generic plan) reads
  * the whole backlog each time: ~90 ms per claim for 128,000 queued requests,
- * seen when statistics lagged behind a backlog.  The settings are the
+ * seen when statistics lagged behind a backlog.  The claim's sorts of what
+ * it took (a few rows) cannot be avoided, and the cost a disabled sort is
+ * given would make PostgreSQL compile the statement with JIT at every
+ * execution (~160 ms): JIT is off for them too.  The settings are the
  * worker's own for the statement (callbacks never see them), and in force
  * whenever PostgreSQL plans it again.
  */
@@ -629,7 +630,7 @@ static int
 execute_indexed(SPIPlanPtr plan, Datum *args)
 {
 	static const char *const off[] = {"enable_seqscan", "enable_bitmapscan",
-	"enable_sort", "enable_hashjoin", "enable_mergejoin"};
+	"enable_sort", "enable_hashjoin", "enable_mergejoin", "jit"};
 	int			nestlevel = NewGUCNestLevel();
 	int			rc;
 
@@ -648,36 +649,55 @@ execute_indexed(SPIPlanPtr plan, Datum *args)
 static void
 prepare_plans(Oid table_oid, const char *table)
 {
-	Oid			claim_types[4] = {INT4OID, INT4OID, TIMESTAMPTZOID, INT8OID};
+	Oid			claim_types[6];
 	Oid			record_types[7] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
 	TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID};
 	Oid			error_types[2] = {INT8OID, TEXTOID};
+	Oid			stranded_types[4] = {BOOLOID, INT4OID, INT4OID, INT4OID};
 
 	if (plans.table_oid == table_oid)
 		return;
-	if (plans.expire)
-		SPI_freeplan(plans.expire);
+	if (plans.requeue)
+		SPI_freeplan(plans.requeue);
+	if (plans.stranded)
+		SPI_freeplan(plans.stranded);
 	if (plans.claim)
 		SPI_freeplan(plans.claim);
-	if (plans.claim_after)
-		SPI_freeplan(plans.claim_after);
+	if (plans.suspect)
+		SPI_freeplan(plans.suspect);
 	if (plans.record)
 		SPI_freeplan(plans.record);
 	if (plans.callback_error)
 		SPI_freeplan(plans.callback_error);
 	memset(&plans, 0, sizeof(plans));
 
-	plans.expire = keep_plan(psprintf("UPDATE %s SET state = 'queued', lease_until = NULL"
-									  " WHERE state = 'sending' AND lease_until < pg_catalog.now()",
-									  table),
-							 0, NULL);
-	/* the due requests in the order they fell due, from the index's start */
-	plans.claim = keep_plan(psprintf(CLAIM_SQL, table, table, ""),
-							2, claim_types);
-	/* the same, after the key ($3, $4) */
-	plans.claim_after = keep_plan(psprintf(CLAIM_SQL, table, table,
-										   " AND (next_attempt_at, id) > ($3, $4)"),
-								  4, claim_types);
+	/*
+	 * Requests left 'sending' by a worker that stopped: all of them ($1) when
+	 * the worker starts, else those whose lease expired.  Below the bound
+	 * ($2) they are queued again; at it, up to $3 of them are taken (with a
+	 * lease of $4 ms) to be failed.
+	 */
+	plans.requeue = keep_plan(psprintf("UPDATE %s SET state = 'queued', lease_until = NULL,"
+									   " interruptions = interruptions + 1"
+									   " WHERE state = 'sending'"
+									   " AND ($1 OR lease_until < pg_catalog.now())"
+									   " AND interruptions + 1 < $2",
+									   table),
+							  2, stranded_types);
+	plans.stranded = keep_plan(psprintf("UPDATE %s SET interruptions = interruptions + 1,"
+										" lease_until = pg_catalog.now() + $4 * interval '1 millisecond'"
+										" WHERE id = ANY (ARRAY(SELECT id FROM %s"
+										"  WHERE state = 'sending'"
+										"  AND ($1 OR lease_until < pg_catalog.now())"
+										"  AND interruptions + 1 >= $2"
+										"  ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED))"
+										" RETURNING id, callback::pg_catalog.oid,"
+										"  enqueued_by::pg_catalog.oid, attempts, interruptions",
+										table, table),
+							   4, stranded_types);
+	taptalk_claim_types(claim_types);
+	plans.claim = keep_plan(taptalk_claim_sql(table), 6, claim_types);
+	plans.suspect = keep_plan(taptalk_claim_suspect_sql(table), 1, &claim_types[1]);
 	/* the outcomes of a step, as arrays: one statement for all */
 	plans.record = keep_plan(psprintf("UPDATE %s q SET state = o.state, lease_until = NULL,"
 									  " user_id = o.user_id, error_code = o.error_code,"
@@ -770,6 +790,7 @@ typedef struct Pipeline
 	int			nfinished;
 	int			in_flight;
 	bool		drained;		/* the last claim found no more due request */
+	bool		isolating;		/* a suspect is out: claim nothing else */
 	bool		stop;			/* claim no more in this run */
 	Oid			table_oid;		/* the queue table the run's requests are in */
 	Oid			result_type;
@@ -782,22 +803,6 @@ typedef struct Pipeline
 static bool rescued = false;
 static TimestampTz last_cleanup = 0;
 static TimestampTz last_lease_check = 0;
-
-/*
- * Where the next claim may start its scan of the index of due requests:
- * after the last key (next_attempt_at, id) the previous claim took, when
- * that claim took all it asked for.  The entries before it are those of
- * requests already claimed, dead until VACUUM removes them; a backlog drains
- * without reading them again and again.  A request that fell due there
- * unseen (committed late by a long or prepared transaction, skipped while
- * locked, written by hand) is found by the next claim from the index's
- * start: after a claim that took less than it asked for, and at least every
- * POLL_MS.
- */
-static bool claim_bound_valid = false;
-static TimestampTz claim_bound_at = 0;
-static int64 claim_bound_id = 0;
-static TimestampTz last_full_claim = 0;
 
 static void
 pipeline_begin(Pipeline *p, int size)
@@ -817,6 +822,7 @@ pipeline_begin(Pipeline *p, int size)
 	p->nfinished = 0;
 	p->in_flight = 0;
 	p->drained = false;
+	p->isolating = false;
 	p->stop = false;
 	p->table_oid = InvalidOid;
 	p->result_type = InvalidOid;
@@ -824,9 +830,9 @@ pipeline_begin(Pipeline *p, int size)
 	p->waiting_retry = false;
 }
 
-/* Take a free item for a claimed request. */
-static QueueItem *
-take_item(Pipeline *p)
+/* Take a free item; returns its index. */
+static int
+take_free(Pipeline *p)
 {
 	int			i = p->free[--p->nfree];
 	QueueItem  *item = &p->items[i];
@@ -834,8 +840,17 @@ take_item(Pipeline *p)
 	if (item->cxt == NULL)
 		item->cxt = AllocSetContextCreate(p->cxt, "taptalk queued request",
 										  ALLOCSET_SMALL_SIZES);
+	return i;
+}
+
+/* Take a free item for a claimed request. */
+static QueueItem *
+take_item(Pipeline *p)
+{
+	int			i = take_free(p);
+
 	p->claimed[p->nclaimed++] = i;
-	return item;
+	return &p->items[i];
 }
 
 /* Free an item whose outcome is recorded (or can no longer be). */
@@ -864,18 +879,64 @@ finish_item(Pipeline *p, int i, const TaptalkResult *result)
 }
 
 /*
- * Claim up to as many due requests as there are free items, with a lease;
- * whether they are all that were due is noted in p->drained.
+ * Take an item for each request a claim returned (id, request, callback,
+ * role, attempts, next_attempt_at), and note each one's role and key in
+ * roles, ats and ids unless they are NULL.
+ */
+static void
+take_claimed(Pipeline *p, Oid *roles, TimestampTz *ats, int64 *ids)
+{
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		QueueItem  *item = take_item(p);
+		bool		isnull;
+		Datum		d;
+
+		item->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		d = SPI_getbinval(tup, desc, 2, &isnull);
+
+		/*
+		 * A request larger than any taptalk_enqueue stores (written by
+		 * hand) is not read: the worker's memory stays bounded.
+		 */
+		if (toast_raw_datum_size(d) > TAPTALK_MAX_STORED_REQUEST_BYTES)
+			item->oversized = true;
+		else
+		{
+			MemoryContext old = MemoryContextSwitchTo(item->cxt);
+
+			item->request = DatumGetJsonbPCopy(d);
+			MemoryContextSwitchTo(old);
+		}
+		d = SPI_getbinval(tup, desc, 3, &isnull);
+		item->callback = isnull ? InvalidOid : DatumGetObjectId(d);
+		item->role = DatumGetObjectId(SPI_getbinval(tup, desc, 4, &isnull));
+		item->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+		if (roles != NULL)
+		{
+			roles[r] = item->role;
+			ats[r] = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
+			ids[r] = item->id;
+		}
+	}
+}
+
+/*
+ * Claim up to as many due requests as there are free items, with a lease,
+ * round robin between the roles that enqueued them (claim.c); whether they
+ * are all that were due is noted in p->drained.
  */
 static void
 claim(Pipeline *p)
 {
 	int			want = p->nfree;
-	Datum		args[4];
-	TimestampTz now = GetCurrentTimestamp();
-	bool		bounded;
-	TimestampTz last_at = 0;
-	int64		last_id = 0;
+	Datum		args[6];
+	uint64		n;
+	Oid		   *roles;
+	TimestampTz *ats;
+	int64	   *ids;
 
 	/* TapTalk out of reach: nothing during a pause, then one probe */
 	if (in_outage())
@@ -890,47 +951,43 @@ claim(Pipeline *p)
 			return;
 		}
 	}
-	bounded = claim_bound_valid &&
-		!TimestampDifferenceExceeds(last_full_claim, now, POLL_MS);
-	if (!bounded)
-		last_full_claim = now;
-	args[0] = Int32GetDatum(want);
-	args[1] = Int32GetDatum(taptalk_timeout_ms + LEASE_MARGIN_MS);
-	args[2] = TimestampTzGetDatum(claim_bound_at);
-	args[3] = Int64GetDatum(claim_bound_id);
-	spi_check(execute_indexed(bounded ? plans.claim_after : plans.claim, args),
-			  SPI_OK_UPDATE_RETURNING);
 
-	for (uint64 r = 0; r < SPI_processed; r++)
+	/*
+	 * A request the worker stopped while sending goes alone: claimed only
+	 * when nothing else is out, and nothing else is claimed until it and
+	 * its callback are done.
+	 */
+	if (p->isolating)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[r];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		QueueItem  *item = take_item(p);
-		bool		isnull;
-		Datum		d;
-		MemoryContext old;
-
-		item->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		d = SPI_getbinval(tup, desc, 2, &isnull);
-		old = MemoryContextSwitchTo(item->cxt);
-		item->request = DatumGetJsonbPCopy(d);
-		MemoryContextSwitchTo(old);
-		d = SPI_getbinval(tup, desc, 3, &isnull);
-		item->callback = isnull ? InvalidOid : DatumGetObjectId(d);
-		item->role = DatumGetObjectId(SPI_getbinval(tup, desc, 4, &isnull));
-		item->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
-		d = SPI_getbinval(tup, desc, 6, &isnull);
-		if (r == 0 || DatumGetTimestampTz(d) > last_at ||
-			(DatumGetTimestampTz(d) == last_at && item->id > last_id))
+		if (p->in_flight > 0 || p->nclaimed > 0 || p->nfinished > 0)
 		{
-			last_at = DatumGetTimestampTz(d);
-			last_id = item->id;
+			p->drained = true;
+			return;
+		}
+		p->isolating = false;
+	}
+	if (p->in_flight == 0 && p->nclaimed == 0 && p->nfinished == 0)
+	{
+		args[0] = Int32GetDatum(taptalk_timeout_ms + LEASE_MARGIN_MS);
+		spi_check(execute_indexed(plans.suspect, args), SPI_OK_UPDATE_RETURNING);
+		if (SPI_processed > 0)
+		{
+			take_claimed(p, NULL, NULL, NULL);
+			p->isolating = true;
+			p->drained = true;
+			return;
 		}
 	}
-	p->drained = SPI_processed < (uint64) want;
-	claim_bound_valid = !p->drained;
-	claim_bound_at = last_at;
-	claim_bound_id = last_id;
+
+	taptalk_claim_args(want, taptalk_timeout_ms + LEASE_MARGIN_MS, args);
+	spi_check(execute_indexed(plans.claim, args), SPI_OK_UPDATE_RETURNING);
+	n = SPI_processed;
+	roles = palloc(sizeof(Oid) * (n + 1));
+	ats = palloc(sizeof(TimestampTz) * (n + 1));
+	ids = palloc(sizeof(int64) * (n + 1));
+	take_claimed(p, roles, ats, ids);
+	p->drained = n < (uint64) want;
+	taptalk_claim_taken(want, (int) n, roles, ats, ids);
 }
 
 /*
@@ -971,57 +1028,6 @@ plan_idle(Pipeline *p, const char *table)
 	if (outage_pause_left() > 0)
 		p->waiting_retry = true;
 	return removed > 0;
-}
-
-/*
- * Run a request's callback as the role that enqueued it, under
- * SECURITY_RESTRICTED_OPERATION with a safe search_path, in a
- * subtransaction.  Returns its error message, or NULL when it succeeded.
- */
-static char *
-run_callback(QueueItem *item, Oid result_type)
-{
-	MemoryContext oldcxt = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	char	   *volatile error = NULL;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcxt);
-	PG_TRY();
-	{
-		TaptalkRoleSwitch saved;
-
-		if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(item->role)))
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_OBJECT),
-					 errmsg("role with OID %u does not exist", item->role)));
-		/* the role may have lost the right since it enqueued */
-		taptalk_queue_check_callback(item->callback, item->role, result_type);
-
-		taptalk_become_role(item->role, &saved);
-		taptalk_queue_call_callback(item->callback, item->id, item->request,
-									&item->result, result_type);
-		taptalk_restore_role(&saved);
-
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-		error = edata->message ? edata->message : pstrdup("callback failed");
-	}
-	PG_END_TRY();
-	/* the message is stored in the queue table, where no ticket may be */
-	return error ? taptalk_mask(error, item->result.ticket) : NULL;
 }
 
 /* Keep a step's latest success and error until it commits. */
@@ -1066,20 +1072,37 @@ text_elem(const char *s, Datum *value, bool *null)
 	*null = (s == NULL);
 }
 
+/* The state a finished request is recorded with. */
+static const char *
+final_state(const QueueItem *item)
+{
+	if (item->result.error_code == NULL)
+		return "succeeded";
+	if (retryable(&item->result) && item->attempts < taptalk_max_attempts)
+		return "queued";
+	return "failed";
+}
+
+/* Whether a finished request's callback is to run when it is recorded. */
+static bool
+runs_callback(const QueueItem *item)
+{
+	return OidIsValid(item->callback) && !item->stopped &&
+		strcmp(final_state(item), "queued") != 0;
+}
+
 /*
- * Record the outcomes of the finished requests, in one statement, then run
- * the callbacks of those that reached a final state.
+ * Record the outcomes of the n finished items `which`, in one statement.
+ * Sets recorded[k] for those the statement updated (the others are no
+ * longer the worker's: their lease expired and someone else has them).
  */
 static void
-record_finished(Pipeline *p)
+record_items(Pipeline *p, const int *which, int n, bool *recorded)
 {
-	int			n = p->nfinished;
 	Datum	   *cols[7];
 	bool	   *colnulls[7];
 	Oid			types[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
 	FLOAT8OID};
-	const char **states = palloc(sizeof(char *) * n);
-	bool	   *recorded = palloc0(sizeof(bool) * n);
 	Datum		args[7];
 	TimestampTz last_success = 0;
 	TimestampTz last_error = 0;
@@ -1092,8 +1115,9 @@ record_finished(Pipeline *p)
 	}
 	for (int f = 0; f < n; f++)
 	{
-		QueueItem  *item = &p->items[p->finished[f]];
+		QueueItem  *item = &p->items[which[f]];
 
+		recorded[f] = false;
 		if (item->result.error_code == NULL)
 			last_success = Max(last_success, item->finished_at);
 		else if (item->finished_at >= last_error)
@@ -1102,16 +1126,8 @@ record_finished(Pipeline *p)
 			last_error_code = item->result.error_code;
 		}
 
-		if (item->result.error_code == NULL)
-			states[f] = "succeeded";
-		else if (retryable(&item->result) &&
-				 item->attempts < taptalk_max_attempts)
-			states[f] = "queued";
-		else
-			states[f] = "failed";
-
 		cols[0][f] = Int64GetDatum(item->id);
-		cols[1][f] = CStringGetTextDatum(states[f]);
+		cols[1][f] = CStringGetTextDatum(final_state(item));
 		text_elem(item->result.user_id, &cols[2][f], &colnulls[2][f]);
 		text_elem(item->result.error_code, &cols[3][f], &colnulls[3][f]);
 		text_elem(item->result.error_field, &cols[4][f], &colnulls[4][f]);
@@ -1123,7 +1139,6 @@ record_finished(Pipeline *p)
 
 	spi_check(execute_indexed(plans.record, args), SPI_OK_UPDATE_RETURNING);
 
-	/* the requests the statement updated; the others are no longer ours */
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
 		bool		isnull;
@@ -1133,36 +1148,65 @@ record_finished(Pipeline *p)
 
 		for (int f = 0; f < n; f++)
 		{
-			if (p->items[p->finished[f]].id == id)
+			if (p->items[which[f]].id == id)
 			{
 				recorded[f] = true;
 				break;
 			}
 		}
 	}
-
-	for (int f = 0; f < n; f++)
-	{
-		QueueItem  *item = &p->items[p->finished[f]];
-
-		if (recorded[f] && strcmp(states[f], "queued") != 0 &&
-			OidIsValid(item->callback))
-		{
-			char	   *error = run_callback(item, p->result_type);
-
-			if (error != NULL)
-			{
-				Datum		eargs[2];
-
-				eargs[0] = Int64GetDatum(item->id);
-				eargs[1] = CStringGetTextDatum(error);
-				spi_check(SPI_execute_plan(plans.callback_error, eargs, NULL,
-										   false, 0), SPI_OK_UPDATE);
-			}
-		}
-	}
 	/* shown once the transaction has committed */
 	report_after_commit(last_success, last_error, last_error_code);
+}
+
+/* Set a request's callback_error. */
+static void
+set_callback_error(int64 id, const char *error)
+{
+	Datum		args[2];
+
+	args[0] = Int64GetDatum(id);
+	args[1] = CStringGetTextDatum(error);
+	spi_check(SPI_execute_plan(plans.callback_error, args, NULL, false, 0),
+			  SPI_OK_UPDATE);
+}
+
+/*
+ * Record, in the open step, the outcomes of the finished requests whose
+ * callback does not run; keep the others in p->finished, for a transaction
+ * each (callback_step).
+ */
+static void
+record_finished(Pipeline *p)
+{
+	int		   *plain = palloc(sizeof(int) * p->nfinished);
+	bool	   *recorded = palloc(sizeof(bool) * p->nfinished);
+	int			nplain = 0;
+	int			nkept = 0;
+
+	for (int f = 0; f < p->nfinished; f++)
+	{
+		int			i = p->finished[f];
+
+		if (runs_callback(&p->items[i]))
+			p->finished[nkept++] = i;
+		else
+			plain[nplain++] = i;
+	}
+	p->nfinished = nkept;
+	if (nplain == 0)
+		return;
+
+	record_items(p, plain, nplain, recorded);
+	for (int f = 0; f < nplain; f++)
+	{
+		QueueItem  *item = &p->items[plain[f]];
+
+		if (recorded[f] && item->stopped && OidIsValid(item->callback))
+			set_callback_error(item->id,
+							   "callback not run: the worker stopped while sending this request, or running its callback, too often");
+		release_item(p, plain[f]);
+	}
 }
 
 /* Forget the finished requests' outcomes (the queue table is gone). */
@@ -1179,26 +1223,97 @@ drop_finished(Pipeline *p)
 }
 
 /*
- * One short transaction: record the finished requests' outcomes (with their
- * callbacks), then claim due requests for the free items.  `first` is the
- * step that starts a run.  Returns false, and claims nothing, when the
- * extension is not installed, or no longer holds the run's queue table.
+ * Requests left 'sending' by a worker that stopped (all of them when this
+ * worker starts, later those whose lease expired): queued again, or, the
+ * TAPTALK_MAX_INTERRUPTIONS-th time, failed as WORKER_STOPPED without
+ * their callback (as many as there are free items; the rest at the next
+ * lease check).  Returns whether it wrote.
  */
 static bool
-pipeline_step(Pipeline *p, bool first)
+rescue(Pipeline *p, bool all)
+{
+	Datum		args[4];
+	uint64		requeued;
+
+	args[0] = BoolGetDatum(all);
+	args[1] = Int32GetDatum(TAPTALK_MAX_INTERRUPTIONS);
+	args[2] = Int32GetDatum(p->nfree);
+	args[3] = Int32GetDatum(taptalk_timeout_ms + LEASE_MARGIN_MS);
+
+	spi_check(execute_indexed(plans.requeue, args), SPI_OK_UPDATE);
+	requeued = SPI_processed;
+	if (requeued > 0)
+		ereport(LOG,
+				(errmsg("taptalk worker: %llu requests left in state \"sending\" are queued again",
+						(unsigned long long) requeued),
+				 errdetail(all ? "The worker stopped while sending them." :
+						   "Their lease expired.")));
+	if (p->nfree == 0)
+		return requeued > 0;
+
+	spi_check(execute_indexed(plans.stranded, args), SPI_OK_UPDATE_RETURNING);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		int			i = take_free(p);
+		QueueItem  *item = &p->items[i];
+		TaptalkResult failure;
+		bool		isnull;
+		Datum		d;
+		int			times;
+
+		item->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		d = SPI_getbinval(tup, desc, 2, &isnull);
+		item->callback = isnull ? InvalidOid : DatumGetObjectId(d);
+		item->role = DatumGetObjectId(SPI_getbinval(tup, desc, 3, &isnull));
+		item->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+		times = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+		item->stopped = true;
+		memset(&failure, 0, sizeof(failure));
+		taptalk_set_error(&failure, TAPTALK_CODE_WORKER_STOPPED, NULL,
+						  psprintf("the worker stopped %d times while sending this request, or running its callback",
+								   times));
+		finish_item(p, i, &failure);
+		ereport(LOG,
+				(errmsg("taptalk worker: request %lld failed: the worker stopped %d times while sending it",
+						(long long) item->id, times)));
+	}
+	return requeued > 0 || SPI_processed > 0;
+}
+
+/*
+ * A step's error: logged, and its transaction rolled back.  The caller
+ * forgets what the transaction did.
+ */
+static void
+abort_step(void)
+{
+	HOLD_INTERRUPTS();
+	EmitErrorReport();
+	FlushErrorState();
+	AbortOutOfAnyTransaction();
+	RESUME_INTERRUPTS();
+	step_success = step_error = 0;
+	pgstat_report_activity(in_run ? STATE_RUNNING : STATE_IDLE,
+						   in_run ? "sending queued requests" : NULL);
+}
+
+/*
+ * The body of a step (pipeline_step): record the outcomes whose callbacks
+ * do not run, claim due requests for the free items, commit.  Returns false
+ * when the extension is not installed, or no longer holds the run's queue
+ * table.
+ */
+static bool
+step(Pipeline *p, bool first, bool want_claim)
 {
 	Oid			table_oid;
 	char	   *table;
 	Oid			result_type;
 	bool		wrote = false;
-	bool		want_claim = !p->stop;
-	int			recorded = p->nfinished;
 
-	/* a commit from now on may have enqueued what this claim cannot see */
-	if (want_claim && shared != NULL)
-		(void) pg_atomic_exchange_u32(&shared->wake_pending, 0);
-
-	begin_step(recorded > 0 ? "recording request outcomes" : "claiming queued requests");
+	begin_step(p->nfinished > 0 ? "recording request outcomes" : "claiming queued requests");
 	if (!find_extension(&table_oid, &table, &result_type) ||
 		(!first && table_oid != p->table_oid))
 	{
@@ -1213,40 +1328,19 @@ pipeline_step(Pipeline *p, bool first)
 	/* what building requests and mapping answers needs, between steps */
 	taptalk_encoding_prepare();
 
-	/* requests a dead worker left behind go back to the queue */
-	if (!rescued)
+	/* requests a stopped worker left behind */
+	if (!rescued ||
+		TimestampDifferenceExceeds(last_lease_check, GetCurrentTimestamp(),
+								   LEASE_CHECK_MS))
 	{
-		spi_check(SPI_execute(psprintf("UPDATE %s SET state = 'queued', lease_until = NULL"
-									   " WHERE state = 'sending'", table),
-							  false, 0), SPI_OK_UPDATE);
-		if (SPI_processed > 0)
-			ereport(LOG,
-					(errmsg("taptalk worker: %llu requests left in state \"sending\" are queued again",
-							(unsigned long long) SPI_processed)));
-		wrote = SPI_processed > 0;
+		wrote = rescue(p, !rescued);
 		rescued = true;
 		last_lease_check = GetCurrentTimestamp();
 	}
-	/* and so do requests whose lease expired */
-	else if (TimestampDifferenceExceeds(last_lease_check, GetCurrentTimestamp(),
-										LEASE_CHECK_MS))
-	{
-		spi_check(SPI_execute_plan(plans.expire, NULL, NULL, false, 0),
-				  SPI_OK_UPDATE);
-		if (SPI_processed > 0)
-			ereport(LOG,
-					(errmsg("taptalk worker: %llu requests whose lease expired are queued again",
-							(unsigned long long) SPI_processed)));
-		wrote = SPI_processed > 0;
-		last_lease_check = GetCurrentTimestamp();
-	}
 
-	if (recorded > 0)
+	if (p->nfinished > 0)
 	{
 		record_finished(p);
-		for (int f = 0; f < p->nfinished; f++)
-			release_item(p, p->finished[f]);
-		p->nfinished = 0;
 		wrote = true;
 	}
 	if (want_claim && p->nfree > 0)
@@ -1258,6 +1352,111 @@ pipeline_step(Pipeline *p, bool first)
 	}
 	end_step(wrote);
 	report_committed();
+	return true;
+}
+
+/*
+ * Record one finished request's outcome and run its callback, in a
+ * transaction of their own: the callback's writes and the outcome commit
+ * together, and nothing the callback leaves in its transaction reaches
+ * another's.  The commit does not wait for its WAL to be flushed: after a
+ * crash that loses it, the request is sent again.
+ */
+static void
+callback_step(Pipeline *p, int i)
+{
+	QueueItem  *item = &p->items[i];
+	bool		recorded;
+
+	begin_step("running a request's callback");
+	(void) set_config_option("synchronous_commit", "off", PGC_SUSET,
+							 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
+	record_items(p, &i, 1, &recorded);
+	if (recorded)
+	{
+		char	   *error = taptalk_run_callback(item->callback, item->role,
+												 item->id, item->request,
+												 &item->result, p->result_type);
+
+		if (error != NULL)
+			set_callback_error(item->id, error);
+	}
+	end_step(true);
+	report_committed();
+}
+
+/* callback_step, whose errors are logged and rolled back; frees the item. */
+static void
+guarded_callback_step(Pipeline *p, int i)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		callback_step(p, i);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		abort_step();
+		ereport(LOG,
+				(errmsg("taptalk worker: the outcome of request %lld is not recorded; it is sent again when its lease expires",
+						(long long) p->items[i].id)));
+	}
+	PG_END_TRY();
+	release_item(p, i);
+}
+
+/*
+ * One step: a short transaction that records the finished requests'
+ * outcomes and claims due requests for the free items, then a transaction
+ * for each callback to run.  `first` is the step that starts a run.  An
+ * error in the worker's own statements is logged and rolled back, and the
+ * worker goes on: what the step claimed is not sent, outcomes it did not
+ * record stay 'sending' until their lease expires (then they are sent
+ * again), and the run ends.  Returns false, and claims nothing, when the
+ * extension is not installed, or no longer holds the run's queue table.
+ */
+static bool
+pipeline_step(Pipeline *p, bool first)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	bool		want_claim = !p->stop;
+	volatile bool found = true;
+
+	/* a commit from now on may have enqueued what this claim cannot see */
+	if (want_claim && shared != NULL)
+		(void) pg_atomic_exchange_u32(&shared->wake_pending, 0);
+
+	PG_TRY();
+	{
+		found = step(p, first, want_claim);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		abort_step();
+		/* the claim, if any, was rolled back */
+		for (int c = p->next_claimed; c < p->nclaimed; c++)
+			release_item(p, p->claimed[c]);
+		p->nclaimed = p->next_claimed = 0;
+		if (p->nfinished > 0)
+			ereport(LOG,
+					(errmsg("taptalk worker: the outcomes of %d requests are not recorded; they are sent again when their lease expires",
+							p->nfinished)));
+		for (int f = 0; f < p->nfinished; f++)
+			release_item(p, p->finished[f]);
+		p->nfinished = 0;
+		p->stop = true;
+		p->wait_ms = STEP_ERROR_WAIT_MS;
+	}
+	PG_END_TRY();
+	if (!found)
+		return false;
+
+	for (int f = 0; f < p->nfinished; f++)
+		guarded_callback_step(p, p->finished[f]);
+	p->nfinished = 0;
 	return true;
 }
 
@@ -1298,7 +1497,14 @@ pipeline_next(void *arg, int64 *id, StringInfo body)
 			memset(&failure, 0, sizeof(failure));
 			resetStringInfo(body);
 			/* checked at enqueue, but a row may have been written by hand */
-			if (!JB_ROOT_IS_OBJECT(item->request))
+			if (item->oversized)
+			{
+				taptalk_set_error(&failure, TAPTALK_CODE_PARAM_FAILED, "",
+								  psprintf("Request must be at most %d bytes as stored",
+										   TAPTALK_MAX_STORED_REQUEST_BYTES));
+				built = false;
+			}
+			else if (!JB_ROOT_IS_OBJECT(item->request))
 			{
 				taptalk_set_error(&failure, TAPTALK_CODE_PARAM_FAILED, "",
 								  psprintf("Request must be a JSON object, not %s",
