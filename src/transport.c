@@ -35,6 +35,7 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -104,6 +105,7 @@ typedef struct Slot
 	bool		header_overflow;
 	bool		no_fds;			/* no file descriptor was left for a socket */
 	bool		socket_nomem;	/* no memory to note a socket as counted */
+	bool		switching;		/* the server answered 101, not asked for */
 	int			unconfirmed;	/* counted sockets this slot's transfer opened
 								 * and that are not yet known to outlive it */
 	bool		connect_capped; /* the budget, not connect_timeout, bounds
@@ -187,7 +189,36 @@ collect_body(char *data, size_t size, size_t nmemb, void *userdata)
 	return n;
 }
 
-/* libcurl header callback: only counts, to bound the headers' size. */
+/*
+ * The status code of a status line ("HTTP/1.1 101 Switching Protocols"),
+ * or 0 when the line is not one.  libcurl hands each response's status
+ * line, interim ones included, to the header callback.
+ */
+static int
+status_line_code(const char *line, size_t len)
+{
+	size_t		i = 5;
+
+	if (len < 5 || memcmp(line, "HTTP/", 5) != 0)
+		return 0;
+	while (i < len && line[i] != ' ')
+		i++;
+	if (i + 4 > len || !isdigit((unsigned char) line[i + 1]) ||
+		!isdigit((unsigned char) line[i + 2]) ||
+		!isdigit((unsigned char) line[i + 3]))
+		return 0;
+	return (line[i + 1] - '0') * 100 + (line[i + 2] - '0') * 10 +
+		(line[i + 3] - '0');
+}
+
+/*
+ * libcurl header callback: bound the headers' size, and stop at a
+ * "101 Switching Protocols" that we never asked for (we send no Upgrade).
+ * libcurl would take everything after it for a body without a length and
+ * wait for the connection to close, up to taptalk.timeout.  Other interim
+ * answers (100 Continue, 102, 103 Early Hints) are read past by libcurl, as
+ * RFC 9110 section 15.2 asks of a client, and the final answer decides.
+ */
 static size_t
 count_headers(char *data, size_t size, size_t nmemb, void *userdata)
 {
@@ -198,6 +229,11 @@ count_headers(char *data, size_t size, size_t nmemb, void *userdata)
 	if (slot->header_bytes > MAX_HEADER_BYTES)
 	{
 		slot->header_overflow = true;
+		return 0;
+	}
+	if (status_line_code(data, n) == 101)
+	{
+		slot->switching = true;
 		return 0;
 	}
 	return n;
@@ -959,6 +995,7 @@ start_attempt(Slot *slot, struct curl_slist *headers)
 	slot->header_overflow = false;
 	slot->no_fds = false;
 	slot->socket_nomem = false;
+	slot->switching = false;
 	slot->errbuf[0] = '\0';
 	slot->retry_at = 0;
 
@@ -1060,6 +1097,15 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 	/* the status line comes first, so a status is known for most failures */
 	if (curl_easy_getinfo(slot->easy, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK)
 		status = 0;
+
+	if (slot->switching)
+	{
+		taptalk_set_error(result, TAPTALK_CODE_INVALID_RESPONSE, NULL,
+						  "TapTalk answered HTTP status 101 (Switching Protocols), which was not asked for");
+		result->http_status = 101;
+		return false;
+	}
+
 	if (rc == CURLE_OK)
 	{
 		taptalk_map_response(status, slot->resp ? slot->resp : "",
