@@ -13,6 +13,19 @@ SELECT user_id, error_code FROM taptalk_auth_ticket(req('fault-slow-100'));
 SELECT * FROM taptalk_auth_ticket(req('fault-endless'));
 SELECT * FROM taptalk_auth_ticket(req('fault-endless-headers'));
 
+-- an interim answer: "101 Switching Protocols", which nobody asked for, is
+-- an INVALID_RESPONSE at once (statement_timeout, far inside
+-- taptalk.timeout, would cancel a call that waited for the connection to
+-- close); "102 Processing" and "103 Early Hints" are read past and the
+-- final answer decides
+SET taptalk.timeout = '60s';
+SET statement_timeout = '10s';
+SELECT * FROM taptalk_auth_ticket(req('fault-interim-101'));
+SELECT user_id, error_code FROM taptalk_auth_ticket(req('fault-interim-102'));
+SELECT user_id, error_code FROM taptalk_auth_ticket(req('fault-interim-103'));
+RESET statement_timeout;
+SET taptalk.timeout = 500;
+
 -- CONNECTION_FAILED: reset, closed without an answer, refused, no such host
 -- (libcurl's message varies with timings; its first words are shown)
 SET taptalk.max_retries = 0;

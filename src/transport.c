@@ -27,15 +27,19 @@
  * signals are blocked while libcurl runs, so those threads never run the
  * server's signal handlers.  libcurl's sockets are counted with
  * AcquireExternalFD, so cached connections cannot exhaust the backend's
- * file descriptors.
+ * file descriptors; see "Counting libcurl's sockets" below for how the
+ * count stays exact with libcurl versions that close some sockets without
+ * telling us.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include <ctype.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -100,6 +104,10 @@ typedef struct Slot
 	size_t		header_bytes;
 	bool		header_overflow;
 	bool		no_fds;			/* no file descriptor was left for a socket */
+	bool		socket_nomem;	/* no memory to note a socket as counted */
+	bool		switching;		/* the server answered 101, not asked for */
+	int			unconfirmed;	/* counted sockets this slot's transfer opened
+								 * and that are not yet known to outlive it */
 	bool		connect_capped; /* the budget, not connect_timeout, bounds
 								 * connecting */
 	char		errbuf[CURL_ERROR_SIZE];
@@ -181,7 +189,36 @@ collect_body(char *data, size_t size, size_t nmemb, void *userdata)
 	return n;
 }
 
-/* libcurl header callback: only counts, to bound the headers' size. */
+/*
+ * The status code of a status line ("HTTP/1.1 101 Switching Protocols"),
+ * or 0 when the line is not one.  libcurl hands each response's status
+ * line, interim ones included, to the header callback.
+ */
+static int
+status_line_code(const char *line, size_t len)
+{
+	size_t		i = 5;
+
+	if (len < 5 || memcmp(line, "HTTP/", 5) != 0)
+		return 0;
+	while (i < len && line[i] != ' ')
+		i++;
+	if (i + 4 > len || !isdigit((unsigned char) line[i + 1]) ||
+		!isdigit((unsigned char) line[i + 2]) ||
+		!isdigit((unsigned char) line[i + 3]))
+		return 0;
+	return (line[i + 1] - '0') * 100 + (line[i + 2] - '0') * 10 +
+		(line[i + 3] - '0');
+}
+
+/*
+ * libcurl header callback: bound the headers' size, and stop at a
+ * "101 Switching Protocols" that we never asked for (we send no Upgrade).
+ * libcurl would take everything after it for a body without a length and
+ * wait for the connection to close, up to taptalk.timeout.  Other interim
+ * answers (100 Continue, 102, 103 Early Hints) are read past by libcurl, as
+ * RFC 9110 section 15.2 asks of a client, and the final answer decides.
+ */
 static size_t
 count_headers(char *data, size_t size, size_t nmemb, void *userdata)
 {
@@ -194,7 +231,166 @@ count_headers(char *data, size_t size, size_t nmemb, void *userdata)
 		slot->header_overflow = true;
 		return 0;
 	}
+	if (status_line_code(data, n) == 101)
+	{
+		slot->switching = true;
+		return 0;
+	}
 	return n;
+}
+
+/*
+ * Counting libcurl's sockets
+ *
+ * Every socket libcurl uses for a connection is opened by
+ * open_counted_socket, which first takes a slot with AcquireExternalFD, so
+ * that libcurl's sockets and the backend's own files (fd.c, libpq for
+ * dblink and postgres_fdw) share max_files_per_process without running out.
+ * The slot must be given back exactly once when the socket is closed.
+ *
+ * libcurl is supposed to close every such socket through
+ * CURLOPT_CLOSESOCKETFUNCTION, but libcurl 7.88.0 to 8.1.2 do not for a
+ * socket whose connect has not completed: cf_socket_close() in
+ * lib/cf-socket.c calls sclose() directly for a socket it never made
+ * "active" (a connect timeout, a transfer removed or a multi handle cleaned
+ * up while connecting, the losing attempt of happy eyeballs).  libcurl 8.2.0
+ * fixed it (commit a70d97c46c, "cf-socket: don't bypass fclosesocket
+ * callback if cancelled before connect").  Debian 12 ships 7.88.1, so the
+ * callback alone would leak one slot per abandoned connect; 7.87.0 and
+ * earlier closed through the callback (Curl_closesocket), as 8.2.0 and later
+ * do.  We checked the sources of 7.88.1, 8.0.0, 8.1.0, 8.1.2, 8.2.0, 8.5.0
+ * and 8.10.0, and ran 7.88.1.
+ *
+ * So we never rely on the close callback alone.  Each counted socket is
+ * noted, by descriptor number, with its identity: the device and inode
+ * that fstat() reports for it when it is opened (a socket's inode number is
+ * the kernel's, unique among the process's open files).  A slot is given
+ * back when the first of these sees the socket gone:
+ *
+ *	- the close callback, for a socket still noted (the normal way);
+ *	- open_counted_socket, when the number libcurl is handed is still noted:
+ *	  the socket noted under it was closed behind our back;
+ *	- reconcile_sockets, which checks the noted sockets with fstat(): a
+ *	  number that is closed (EBADF) or now names another file (another
+ *	  identity: someone else, fd.c or a resolver thread, opened a file that
+ *	  got the number) is given back.  It runs when a transfer ends, for the
+ *	  sockets that transfer opened; at the end of each run and after a
+ *	  shutdown, for all; and when AcquireExternalFD refuses, before giving up.
+ *
+ * Whichever comes first forgets the note, so no slot is given back twice;
+ * reconciliation only reads and never closes a descriptor, so a number that
+ * now belongs to someone else is left alone.  A socket that libcurl loses
+ * track of without closing stays open and stays counted, as it should.
+ *
+ * A socket still open when the transfer that opened it ends has connected
+ * (libcurl closes the attempts that did not before a transfer ends), so
+ * from then on the close callback sees it close; it is no longer checked
+ * after each transfer, only at the end of a run.
+ */
+typedef struct CountedSocket
+{
+	bool		counted;		/* this number holds a slot of ours */
+	dev_t		dev;			/* the socket's identity when opened */
+	ino_t		ino;
+	Slot	   *opener;			/* the slot whose transfer opened it, until
+								 * it is seen open after that transfer */
+} CountedSocket;
+
+static CountedSocket *counted_sockets = NULL;	/* malloc'd, by number */
+static int	counted_size = 0;
+
+/* Give back the slot of a noted socket and forget it. */
+static void
+forget_socket(int fd)
+{
+	CountedSocket *cs = &counted_sockets[fd];
+
+	Assert(cs->counted);
+	if (cs->opener != NULL)
+		cs->opener->unconfirmed--;
+	cs->counted = false;
+	cs->opener = NULL;
+	ReleaseExternalFD();
+}
+
+static bool
+socket_noted(int fd)
+{
+	return fd >= 0 && fd < counted_size && counted_sockets[fd].counted;
+}
+
+/*
+ * Give back the slots of noted sockets that are gone: all of them, or only
+ * those that the transfer of `opener` opened, which are then no longer
+ * checked after each transfer if still open.  Returns how many were given
+ * back.  Never allocates, raises or closes anything: it runs in libcurl's
+ * callbacks and in cleanup.
+ */
+static int
+reconcile_sockets(Slot *opener)
+{
+	int			released = 0;
+
+	if (opener != NULL && opener->unconfirmed == 0)
+		return 0;
+	for (int fd = 0; fd < counted_size; fd++)
+	{
+		CountedSocket *cs = &counted_sockets[fd];
+		struct stat st;
+
+		if (!cs->counted || (opener != NULL && cs->opener != opener))
+			continue;
+		if (fstat(fd, &st) == 0 && st.st_dev == cs->dev && st.st_ino == cs->ino)
+		{
+			if (opener != NULL)
+			{
+				opener->unconfirmed--;
+				cs->opener = NULL;
+			}
+			continue;
+		}
+		forget_socket(fd);
+		released++;
+	}
+	return released;
+}
+
+/* Note a counted socket; false when there is no memory for the note. */
+static bool
+note_socket(int fd, Slot *opener)
+{
+	struct stat st;
+	CountedSocket *cs;
+
+	if (fd >= counted_size)
+	{
+		int			size = Max(counted_size, 64);
+		CountedSocket *grown;
+
+		while (size <= fd)
+			size *= 2;
+		grown = realloc(counted_sockets, sizeof(CountedSocket) * size);
+		if (grown == NULL)
+			return false;
+		memset(grown + counted_size, 0,
+			   sizeof(CountedSocket) * (size - counted_size));
+		counted_sockets = grown;
+		counted_size = size;
+	}
+	if (fstat(fd, &st) != 0)
+		return false;
+
+	/* the number is ours again: the socket noted under it was closed */
+	if (counted_sockets[fd].counted)
+		forget_socket(fd);
+
+	cs = &counted_sockets[fd];
+	cs->counted = true;
+	cs->dev = st.st_dev;
+	cs->ino = st.st_ino;
+	cs->opener = opener;
+	opener->unconfirmed++;
+	return true;
 }
 
 /*
@@ -209,7 +405,9 @@ open_counted_socket(void *clientp, curlsocktype purpose,
 	Slot	   *slot = (Slot *) clientp;
 	int			fd;
 
-	if (!AcquireExternalFD())
+	/* before refusing, give back what sockets closed silently still hold */
+	if (!AcquireExternalFD() &&
+		(reconcile_sockets(NULL) == 0 || !AcquireExternalFD()))
 	{
 		slot->no_fds = true;
 		return CURL_SOCKET_BAD;
@@ -221,16 +419,30 @@ open_counted_socket(void *clientp, curlsocktype purpose,
 		ReleaseExternalFD();
 		return CURL_SOCKET_BAD;
 	}
+	if (!note_socket(fd, slot))
+	{
+		close(fd);
+		ReleaseExternalFD();
+		slot->socket_nomem = true;
+		return CURL_SOCKET_BAD;
+	}
 	return fd;
 }
 
-/* libcurl close-socket callback: the counterpart of open_counted_socket. */
+/*
+ * libcurl close-socket callback: the counterpart of open_counted_socket.
+ * libcurl only closes sockets that it opened through open_counted_socket,
+ * but the slot is given back only for a socket still noted: one that
+ * reconciliation found gone already was given back then.
+ */
 static int
 close_counted_socket(void *clientp, curl_socket_t fd)
 {
-	int			rc = close(fd);
+	int			rc;
 
-	ReleaseExternalFD();
+	if (socket_noted(fd))
+		forget_socket(fd);
+	rc = close(fd);
 	return rc;
 }
 
@@ -407,6 +619,7 @@ taptalk_transport_shutdown(void)
 	if (multi != NULL)
 		curl_multi_cleanup(multi);
 	multi = NULL;
+	(void) reconcile_sockets(NULL);
 	timer_armed = false;
 	free(multi_base_url);
 	free(multi_ca_file);
@@ -781,6 +994,8 @@ start_attempt(Slot *slot, struct curl_slist *headers)
 	slot->header_bytes = 0;
 	slot->header_overflow = false;
 	slot->no_fds = false;
+	slot->socket_nomem = false;
+	slot->switching = false;
 	slot->errbuf[0] = '\0';
 	slot->retry_at = 0;
 
@@ -873,9 +1088,23 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 				 errmsg("out of memory"),
 				 errdetail("Could not buffer the TapTalk response.")));
 
+	if (slot->socket_nomem)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory"),
+				 errdetail("Could not note a socket opened for libcurl.")));
+
 	/* the status line comes first, so a status is known for most failures */
 	if (curl_easy_getinfo(slot->easy, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK)
 		status = 0;
+
+	if (slot->switching)
+	{
+		taptalk_set_error(result, TAPTALK_CODE_INVALID_RESPONSE, NULL,
+						  "TapTalk answered HTTP status 101 (Switching Protocols), which was not asked for");
+		result->http_status = 101;
+		return false;
+	}
 
 	if (rc == CURLE_OK)
 	{
@@ -1103,6 +1332,7 @@ collect_finished(TaptalkPath path, taptalk_done_fn done, void *arg)
 			elog(ERROR, "libcurl transfer without its slot");
 		(void) curl_multi_remove_handle(multi, slot->easy);
 		slot->attached = false;
+		(void) reconcile_sockets(slot);
 		record_attempt(path, slot);
 
 		old = MemoryContextSwitchTo(result_cxt);
@@ -1243,6 +1473,7 @@ taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
 			if (slots[i]->busy || slots[i]->attached)
 				release_slot(slots[i]);
 		}
+		(void) reconcile_sockets(NULL);
 		MemoryContextReset(result_cxt);
 	}
 	PG_END_TRY();

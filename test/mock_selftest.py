@@ -658,6 +658,17 @@ def run_checks(port, port2, tls_port, cert, log, tmp):
     check("still serving after endless-headers",
           still_serving(port, "endless-headers"))
 
+    got = read_stream(port, raw_request(API, user("fault-interim-101")), 0.3)
+    check("fault-interim-101 answers 101 and nothing more",
+          got == b"HTTP/1.1 101 Switching Protocols\r\n\r\n", got)
+    got = read_stream(port, raw_request(API, user("fault-interim-103")), 0.3)
+    status, hd, rest = split_head(got)
+    check("fault-interim-103 answers 103, then the success",
+          status == "HTTP/1.1 103 Early Hints"
+          and rest.startswith(b"HTTP/1.1 200 OK\r\n")
+          and rest.endswith(success_bytes("fault-interim-103")), got)
+    check("still serving after interim-101", still_serving(port, "interim"))
+
     r = post(port, user("fault-deep-5"))
     check("fault-deep-5", r.status == 200 and r.body ==
           b'{"status":200,"data":[[[[[]]]]]}', r)

@@ -137,6 +137,12 @@ API contract
      fault-flakyreset-<n>-<token>  same, but the first n are TCP RSTs
      fault-envelope-field       400 envelope "40002" "Param 'email' is
                                 invalid" field "107"
+     fault-interim-<code>       the interim answer "HTTP/1.1 <code> <reason>"
+                                (100..199) with no headers; after 101
+                                (Switching Protocols, never asked for)
+                                nothing more until the client closes (gives
+                                up after 120 s), after any other code the
+                                normal success
      fault-unicode-<place>-<form>-<hex>
                                 the character U+<hex> (1 to 6 lower-case
                                 hex digits; not NUL, not a surrogate) in one
@@ -900,6 +906,13 @@ class Connection:
         elif f == "envelope-field":
             return self.env_error(req, 400, "40002",
                                   "Param 'email' is invalid", "107")
+        elif f.startswith("interim-"):
+            code = parse_uint(f[8:], 3)
+            if code is not None and 100 <= code <= 199:
+                self.send(b"HTTP/1.1 %d %s\r\n\r\n"
+                          % (code, reason(code).encode("ascii")))
+                if code == 101:
+                    return self.switched()
         elif f.startswith("escapes-") and f[8:] in ESCAPE_BODIES:
             return self.json_resp(req, 200, ESCAPE_BODIES[f[8:]])
         elif f.startswith("unicode-"):
@@ -960,6 +973,21 @@ class Connection:
             time.sleep(0.010)
             self.send(chunk)
         self.send(b"0\r\n\r\n")
+        return False
+
+    def switched(self):
+        """After a 101: the other protocol never says anything; wait for
+        the client to close, or ENDLESS_CAP."""
+        deadline = time.monotonic() + ENDLESS_CAP
+        while time.monotonic() < deadline:
+            try:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                if not self.sock.recv(65536):
+                    break
+            except socket.timeout:
+                break
+            except (OSError, ssl.SSLError, ValueError):
+                break
         return False
 
     def partial(self, req):
