@@ -1,7 +1,7 @@
 # taptalk: PostgreSQL extension that requests TapTalk.io auth tickets
 
 MODULE_big = taptalk
-OBJS = src/taptalk.o src/request.o src/response.o src/transport.o src/stats.o \
+OBJS = src/taptalk.o src/secret.o src/request.o src/response.o src/transport.o src/stats.o \
 	src/queue.o src/worker.o
 
 EXTENSION = taptalk
