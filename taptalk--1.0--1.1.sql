@@ -67,18 +67,20 @@ CREATE VIEW taptalk_stats_errors AS
 CREATE VIEW taptalk_stats_latency AS
 	SELECT * FROM taptalk_stats_latency();
 
--- The statistics say something about the user base: pg_monitor and
--- superusers read them, PUBLIC does not.  Only a superuser resets them,
--- unless EXECUTE on taptalk_stats_reset() is granted.
+-- The statistics say something about the user base: pg_read_all_stats (and
+-- so pg_monitor, a member of it) and superusers read them, PUBLIC does not.
+-- Granted to pg_read_all_stats, not pg_monitor, so that a monitoring role
+-- needs no pg_read_all_settings.  Only a superuser resets them, unless
+-- EXECUTE on taptalk_stats_reset() is granted.
 REVOKE EXECUTE ON FUNCTION taptalk_stats() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION taptalk_stats_errors() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION taptalk_stats_latency() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION taptalk_stats_reset() FROM PUBLIC;
 REVOKE ALL ON taptalk_stats, taptalk_stats_errors, taptalk_stats_latency FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION taptalk_stats() TO pg_monitor;
-GRANT EXECUTE ON FUNCTION taptalk_stats_errors() TO pg_monitor;
-GRANT EXECUTE ON FUNCTION taptalk_stats_latency() TO pg_monitor;
-GRANT SELECT ON taptalk_stats, taptalk_stats_errors, taptalk_stats_latency TO pg_monitor;
+GRANT EXECUTE ON FUNCTION taptalk_stats() TO pg_read_all_stats;
+GRANT EXECUTE ON FUNCTION taptalk_stats_errors() TO pg_read_all_stats;
+GRANT EXECUTE ON FUNCTION taptalk_stats_latency() TO pg_read_all_stats;
+GRANT SELECT ON taptalk_stats, taptalk_stats_errors, taptalk_stats_latency TO pg_read_all_stats;
 
 -- The queue: requests enqueued with taptalk_enqueue() and sent by the
 -- background worker outside the enqueuing transaction (README.md,
@@ -167,7 +169,7 @@ GRANT SELECT ON taptalk_requests TO PUBLIC;
 -- What the background worker is doing (it reports itself in shared memory)
 -- and the depth of this database's queue, for monitoring (README.md,
 -- "Monitoring").  The view's owner counts the queue's rows, so members of
--- pg_monitor see counts, never a request.
+-- pg_read_all_stats (pg_monitor among them) see counts, never a request.
 CREATE FUNCTION taptalk_worker_status(
 	OUT pid integer,
 	OUT database text,
@@ -199,8 +201,8 @@ CREATE VIEW taptalk_worker AS
 
 REVOKE EXECUTE ON FUNCTION taptalk_worker_status() FROM PUBLIC;
 REVOKE ALL ON taptalk_worker FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION taptalk_worker_status() TO pg_monitor;
-GRANT SELECT ON taptalk_worker TO pg_monitor;
+GRANT EXECUTE ON FUNCTION taptalk_worker_status() TO pg_read_all_stats;
+GRANT SELECT ON taptalk_worker TO pg_read_all_stats;
 
 -- pg_dump keeps the queue's rows (requests not yet sent must not be lost)
 SELECT pg_catalog.pg_extension_config_dump('taptalk_queue', '');

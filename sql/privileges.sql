@@ -36,5 +36,21 @@ SELECT * FROM taptalk_auth_ticket(req('priv-2'));
 SELECT sqlstate_of('SHOW taptalk.server_key_secret');
 
 \c - postgres
--- the superuser sees the secret
-SELECT current_setting('taptalk.server_key_secret') = 'test-key-secret-Zq8X' AS superuser_reads_secret;
+-- the secret is shown masked to every role that may look at it: a superuser
+SHOW taptalk.server_key_secret;
+SELECT current_setting('taptalk.server_key_secret') AS superuser_sees;
+-- and members of pg_read_all_settings (pg_monitor is one), which may look
+-- at superuser-only settings; pg_settings never lists the secret
+SET ROLE pg_monitor;
+SHOW taptalk.server_key_secret;
+SELECT current_setting('taptalk.server_key_secret') AS pg_monitor_sees;
+SELECT set_config('taptalk.server_key_secret', 'x', true);
+SELECT count(*) FROM pg_settings WHERE name = 'taptalk.server_key_secret';
+RESET ROLE;
+-- the value is still in effect (the mock checks the Server-Key header)
+SELECT * FROM taptalk_auth_ticket(req('priv-masked'));
+-- not set: nothing to mask
+BEGIN;
+SET LOCAL taptalk.server_key_secret = '';
+SHOW taptalk.server_key_secret;
+ROLLBACK;

@@ -35,9 +35,23 @@ FROM unnest(ARRAY['127.0.0.1:PORT', '//127.0.0.1:PORT', 'http:/127.0.0.1:PORT',
 				  'https:///etc/passwd', 'http://', 'HTTP://127.0.0.1:PORT',
 				  'hTtPs://127.0.0.1:PORT']) AS u;
 
+-- scheme://host[:port][/path] only: a query, a fragment or a user name and
+-- password (which libcurl would send as an Authorization header) is refused
+SELECT format('%L', u) AS url, try_base_url(replace(u, 'PORT', current_setting('mock.port'))) AS result
+FROM unnest(ARRAY['http://127.0.0.1:PORT/?', 'http://127.0.0.1:PORT/api?key=1',
+				  'http://127.0.0.1:PORT?x', 'http://127.0.0.1:PORT/#', 'http://127.0.0.1:PORT#top',
+				  'http://user:pass@127.0.0.1:PORT/', 'http://user@127.0.0.1:PORT',
+				  'https://:pass@127.0.0.1:PORT/', 'http://@127.0.0.1:PORT',
+				  'http://127.0.0.1:PORT@evil.example/',
+				  -- accepted: a port, a path, an "@" inside the path
+				  'http://127.0.0.1:PORT', 'http://127.0.0.1:PORT/base/v1/',
+				  'http://127.0.0.1:PORT/a@b']) AS u;
+SET taptalk.base_url = 'https://user:password@taptalk.io';
+
 -- the other routes to the setting check it too, and write nothing
 ALTER SYSTEM SET taptalk.base_url = 'file:///etc/passwd';
 ALTER SYSTEM SET taptalk.base_url = 'ldap://127.0.0.1/';
+ALTER SYSTEM SET taptalk.base_url = 'https://taptalk.io/?token=x';
 ALTER DATABASE contrib_regression SET taptalk.base_url = 'gopher://127.0.0.1/';
 ALTER ROLE taptalk_app SET taptalk.base_url = 'dict://127.0.0.1/';
 BEGIN;

@@ -6,8 +6,8 @@
 --
 
 -- the table is LOGGED and granted to nobody; the view of requests is
--- readable by all, the worker's view by pg_monitor (the grants to roles
--- other than the owner)
+-- readable by all, the worker's view by pg_read_all_stats, of which
+-- pg_monitor is a member (the grants to roles other than the owner)
 SELECT c.relname, c.relkind, c.relpersistence,
 	   ARRAY(SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END
 					|| ' ' || a.privilege_type
@@ -125,7 +125,7 @@ SELECT request->>'xcUserID' AS xc, state, attempts FROM taptalk_requests ORDER B
 
 -- taptalk_worker counts this database's queue by state (the worker sends
 -- the queue of database postgres, so these requests stay as they are);
--- pg_monitor reads it, other roles do not
+-- pg_read_all_stats and pg_monitor read it, other roles do not
 SELECT state, count(*) FROM taptalk_queue GROUP BY state ORDER BY state;
 BEGIN;
 UPDATE taptalk_queue SET state = 'sending' WHERE id = (SELECT min(id) FROM taptalk_queue);
@@ -135,6 +135,9 @@ SELECT database, queued, sending, succeeded, failed,
 	   oldest_queued_age > interval '0' AS oldest_queued_age_positive
 FROM taptalk_worker;
 ROLLBACK;
+SET ROLE pg_read_all_stats;
+SELECT database, queued + sending + succeeded + failed AS requests FROM taptalk_worker;
+SELECT database FROM taptalk_worker_status();
 SET ROLE pg_monitor;
 SELECT database, queued + sending + succeeded + failed AS requests FROM taptalk_worker;
 SELECT database FROM taptalk_worker_status();

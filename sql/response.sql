@@ -19,6 +19,18 @@ SELECT * FROM taptalk_auth_ticket(req('resp-2'));
 RESET taptalk.server_key_secret;
 SELECT * FROM taptalk_auth_ticket(req('resp-2'));
 
+-- a member of the root given twice: the later one wins whole, as jsonb
+-- reads the body: data without a ticket, so INVALID_RESPONSE
+SELECT * FROM taptalk_auth_ticket(req('fault-dup-data'));
+-- the later error, without the earlier one's field
+SELECT * FROM taptalk_auth_ticket(req('fault-dup-error'));
+-- a later null error leaves a success; a later null data leaves none
+SELECT * FROM taptalk_auth_ticket(req('fault-dup-error-null'));
+SELECT * FROM taptalk_auth_ticket(req('fault-dup-data-null'));
+-- what jsonb makes of the first two bodies
+SELECT '{"data":{"userID":"tt-first","ticket":"ticket-first"},"data":{"userID":"tt-later"}}'::jsonb AS dup_data,
+	   '{"error":{"code":"40002","field":"107"},"error":{"code":"40101"}}'::jsonb AS dup_error;
+
 -- non-2xx without the envelope: HTTP_ERROR with the status
 SET taptalk.max_retries = 0;
 SELECT * FROM taptalk_auth_ticket(req('fault-html500'));

@@ -180,8 +180,9 @@ SELECT user_id FROM taptalk_auth_ticket(req('stats-on'));
 SELECT path, requests, attempts, successes FROM taptalk_stats WHERE path = 'single';
 SELECT taptalk_stats_reset() IS NOT NULL AS reset;
 
--- privileges: PUBLIC reads nothing and cannot reset; pg_monitor reads
-CREATE ROLE taptalk_stats_monitor LOGIN IN ROLE pg_monitor;
+-- privileges: PUBLIC reads nothing and cannot reset; pg_read_all_stats
+-- reads, and so pg_monitor, a member of it
+CREATE ROLE taptalk_stats_monitor LOGIN IN ROLE pg_read_all_stats;
 \c - taptalk_app
 SELECT * FROM taptalk_stats;
 SELECT * FROM taptalk_stats_errors;
@@ -201,7 +202,8 @@ SELECT taptalk_stats_reset();
 \c - postgres
 SELECT p.proname, p.proacl
 FROM pg_proc p WHERE p.proname LIKE 'taptalk_stats%' ORDER BY 1;
-SELECT relname, has_table_privilege('pg_monitor', oid, 'SELECT') AS pg_monitor_reads,
+SELECT relname, has_table_privilege('pg_read_all_stats', oid, 'SELECT') AS pg_read_all_stats_reads,
+       has_table_privilege('pg_monitor', oid, 'SELECT') AS pg_monitor_reads,
        has_table_privilege('taptalk_app', oid, 'SELECT') AS public_reads
 FROM pg_class WHERE relname LIKE 'taptalk_stats%' ORDER BY 1;
 DROP ROLE taptalk_stats_monitor;

@@ -260,8 +260,9 @@ parse_envelope(const char *body, size_t len, EnvelopeState *st,
 	/*
 	 * The members: error.code, .message, .field and data.userID, .ticket are
 	 * the strings or numbers at depth 2 under the root object's "error" and
-	 * "data" objects; a later duplicate key wins, and a value of another
-	 * kind counts as none.
+	 * "data" objects; a later duplicate key wins, at either level (a later
+	 * "error" or "data" replaces the earlier whole, whatever its kind), and
+	 * a value of another kind counts as none.
 	 */
 #if PG_VERSION_NUM >= 170000
 	lex = makeJsonLexContextCstringLen(NULL, body, len, PG_UTF8, false);
@@ -326,6 +327,20 @@ parse_envelope(const char *body, size_t len, EnvelopeState *st,
 						/* which section the value of this member is */
 						top->section = strcmp(str.data, "error") == 0 ? 1 :
 							strcmp(str.data, "data") == 0 ? 2 : 0;
+
+						/*
+						 * a later "error" or "data" replaces the earlier one
+						 * whole, as in jsonb: forget what that one held
+						 */
+						for (int m = 0; m < NUM_MEMBERS; m++)
+						{
+							bool		in_error = (m == MEMBER_ERROR_CODE ||
+													m == MEMBER_ERROR_MESSAGE ||
+													m == MEMBER_ERROR_FIELD);
+
+							if (top->section == (in_error ? 1 : 2))
+								st->values[m] = NULL;
+						}
 					}
 					else if (top->section == 1)
 					{

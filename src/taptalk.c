@@ -4,8 +4,8 @@
  *	  Module entry for the taptalk extension: its settings and the
  *	  SQL-callable functions taptalk_auth_ticket and taptalk_auth_tickets.
  *
- * The server key lives in settings that only a superuser can set, and the
- * secret is hidden from everyone else once this library has defined it.  A
+ * The server key lives in settings that only a superuser can set; the
+ * secret (secret.c) is shown to nobody once this library has defined it.  A
  * value read from postgresql.conf before that is a placeholder any role can
  * read, so the functions refuse to run unless the library was loaded through
  * shared_preload_libraries.
@@ -40,7 +40,6 @@ void		_PG_init(void);
 
 char	   *taptalk_base_url = NULL;
 char	   *taptalk_server_key_id = NULL;
-char	   *taptalk_server_key_secret = NULL;
 char	   *taptalk_ca_file = NULL;
 int			taptalk_timeout_ms = 10000;
 int			taptalk_connect_timeout_ms = 3000;
@@ -49,11 +48,6 @@ int			taptalk_max_retries = 2;
 
 /* whether _PG_init ran while shared_preload_libraries was processed */
 static bool loaded_at_preload = false;
-
-static emit_log_hook_type prev_emit_log_hook = NULL;
-
-#define SECRET_SETTING "taptalk.server_key_secret"
-#define REDACTED "********"
 
 /* columns of taptalk_auth_ticket_result */
 enum
@@ -73,8 +67,9 @@ PG_FUNCTION_INFO_V1(taptalk_auth_ticket);
 PG_FUNCTION_INFO_V1(taptalk_auth_tickets);
 
 /*
- * taptalk.base_url must be an http:// or https:// URL with a host; libcurl is
- * limited to those two protocols as well.
+ * taptalk.base_url must be scheme://host[:port][/path] with an http or https
+ * scheme (libcurl is limited to those two protocols as well): no query, no
+ * fragment, no user name or password, no spaces or control characters.
  */
 static bool
 check_base_url(char **newval, void **extra, GucSource source)
@@ -100,7 +95,15 @@ check_base_url(char **newval, void **extra, GucSource source)
 	{
 		if ((unsigned char) *p <= ' ' || *p == 0x7f)
 			problem = "The URL contains a space or a control character.";
+		else if (*p == '?')
+			problem = "The URL contains a query (\"?\"); the request path is appended to it.";
+		else if (*p == '#')
+			problem = "The URL contains a fragment (\"#\").";
 	}
+
+	/* userinfo: an "@" before the path */
+	if (problem == NULL && memchr(rest, '@', strcspn(rest, "/")) != NULL)
+		problem = "The URL contains a user name or password (\"@\"); the server key is the only credential sent.";
 
 	if (problem != NULL)
 	{
@@ -109,48 +112,6 @@ check_base_url(char **newval, void **extra, GucSource source)
 		return false;
 	}
 	return true;
-}
-
-/*
- * `text` with every occurrence of `secret` replaced by asterisks: a new
- * palloc'd string, or `text` itself when there is nothing to mask.
- */
-char *
-taptalk_mask(char *text, const char *secret)
-{
-	StringInfoData buf;
-	const char *p = text;
-	const char *hit;
-
-	if (secret == NULL || secret[0] == '\0' || strstr(text, secret) == NULL)
-		return text;
-	initStringInfo(&buf);
-	while ((hit = strstr(p, secret)) != NULL)
-	{
-		appendBinaryStringInfo(&buf, p, hit - p);
-		appendStringInfoString(&buf, REDACTED);
-		p = hit + strlen(secret);
-	}
-	appendStringInfoString(&buf, p);
-	return buf.data;
-}
-
-/*
- * Keep the secret out of the server log.  A configuration reload logs every
- * changed setting with its new value ("parameter ... changed to ..."), the
- * secret included; this hook masks the secret's value in any message that
- * names the setting.  Runs in the postmaster and, inherited, in every backend.
- */
-static void
-redact_secret_hook(ErrorData *edata)
-{
-	const char *secret = taptalk_server_key_secret;
-
-	if (edata->message != NULL && strstr(edata->message, SECRET_SETTING) != NULL)
-		edata->message = taptalk_mask(edata->message, secret);
-
-	if (prev_emit_log_hook)
-		prev_emit_log_hook(edata);
 }
 
 void
@@ -178,14 +139,7 @@ _PG_init(void)
 							   0,
 							   NULL, NULL, NULL);
 
-	DefineCustomStringVariable(SECRET_SETTING,
-							   "Sets the Server Key Secret that authenticates requests to TapTalk.",
-							   "Only superusers can read or set it.",
-							   &taptalk_server_key_secret,
-							   "",
-							   PGC_SUSET,
-							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   NULL, NULL, NULL);
+	taptalk_secret_init();
 
 	DefineCustomStringVariable("taptalk.ca_file",
 							   "Sets the CA bundle that verifies TapTalk's TLS certificate.",
@@ -233,9 +187,6 @@ _PG_init(void)
 							PGC_USERSET,
 							0,
 							NULL, NULL, NULL);
-
-	prev_emit_log_hook = emit_log_hook;
-	emit_log_hook = redact_secret_hook;
 
 	taptalk_worker_init();
 	taptalk_callback_init();
@@ -287,8 +238,8 @@ check_configuration(void)
 	if (taptalk_server_key_secret == NULL || taptalk_server_key_secret[0] == '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("parameter \"taptalk.server_key_secret\" is not set"),
-				 errhint("Set \"taptalk.server_key_secret\" in postgresql.conf or with ALTER SYSTEM.")));
+				 errmsg("neither \"taptalk.server_key_file\" nor \"taptalk.server_key_secret\" is set"),
+				 errhint("Put the Server Key Secret in a file only the database server's user can read, set \"taptalk.server_key_file\" to its path in postgresql.conf, and reload.")));
 }
 
 /*

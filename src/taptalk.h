@@ -87,8 +87,19 @@ extern int	taptalk_max_concurrency;
 extern int	taptalk_max_retries;
 
 /* taptalk.c */
-extern char *taptalk_mask(char *text, const char *secret);
 extern void taptalk_require_preload(const char *detail);
+
+/* what a masked secret or ticket is shown as */
+#define TAPTALK_MASK "********"
+
+/*
+ * secret.c: the key file, the masked settings and the log mask.
+ * taptalk_server_key_secret (above) is the secret in effect: the key file's
+ * when taptalk.server_key_file is set, else taptalk.server_key_secret's.
+ */
+extern void taptalk_secret_init(void);
+extern char *taptalk_mask(char *text, const char *secret);
+extern char *taptalk_replace(char *text, const char *find, const char *with);
 
 /* acting as another role, with a safe search_path (queue.c) */
 typedef struct TaptalkRoleSwitch

@@ -98,6 +98,9 @@ the settings that point at it: C<taptalk.base_url> (the mock's first port),
 C<taptalk.server_key_id> and C<taptalk.server_key_secret> (the mock's test
 key) and the custom settings the sql/*.sql files read: C<mock.port>,
 C<mock.port2>, C<mock.tls_port>, C<mock.tls_dir>, C<mock.dir>, C<mock.log>.
+With C<< key_file => $path >> the secret is written to C<$path> (mode 0600)
+and C<taptalk.server_key_file> names it, as the README recommends, instead
+of C<taptalk.server_key_secret>.
 C<< conf => "lines" >> is appended last.  Then the node is started and
 C<CREATE EXTENSION taptalk> runs in database C<postgres> (unless
 C<< extension => 0 >>); with C<< helpers => 1 >>, create_helpers() runs too.
@@ -127,7 +130,9 @@ sub node
 		push @conf,
 		  "taptalk.base_url = '" . $mock->base_url . "'",
 		  "taptalk.server_key_id = '$KEY_ID'",
-		  "taptalk.server_key_secret = '$KEY_SECRET'",
+		  $opts{key_file}
+		  ? "taptalk.server_key_file = '" . write_key_file($opts{key_file}) . "'"
+		  : "taptalk.server_key_secret = '$KEY_SECRET'",
 		  "mock.port = '" . $mock->port . "'",
 		  "mock.log = '" . $mock->log_file . "'",
 		  "mock.dir = '" . $mock->dir . "'";
@@ -146,6 +151,29 @@ sub node
 	  if $opts{extension} // 1;
 	create_helpers($node) if $opts{helpers};
 	return $node;
+}
+
+=pod
+
+=item TaptalkTest::write_key_file($path [, $secret [, $mode]])
+
+Writes C<$secret> (default: the mock's test secret) and a line break to the
+key file C<$path>, replacing it, with mode C<$mode> (default 0600).  Returns
+C<$path>.
+
+=cut
+
+sub write_key_file
+{
+	my ($path, $secret, $mode) = @_;
+	$secret //= $KEY_SECRET;
+	my $tmp = "$path.tmp";
+	open(my $fh, '>', $tmp) or croak "could not write $tmp: $!";
+	print $fh "$secret\n";
+	close($fh) or croak "could not write $tmp: $!";
+	chmod($mode // 0600, $tmp) or croak "could not chmod $tmp: $!";
+	rename($tmp, $path) or croak "could not rename $tmp: $!";
+	return $path;
 }
 
 =pod
@@ -753,9 +781,34 @@ How many C<$event> lines were logged after C<$mark>, on C<$port> when given
 matches it (the line as logged: JSON, the body an escaped string; use
 patterns without quotes or backslashes, such as an xcUserID).
 
+=item $mock->server_key_secrets([$mark])
+
+The secrets of the Server-Key headers of the requests logged after
+C<$mark>, in order: each header decoded from base64, with the key ID and
+its colon removed.
+
 =back
 
 =cut
+
+sub server_key_secrets
+{
+	my ($self, $mark) = @_;
+	require MIME::Base64;
+	my @secrets;
+	for my $e ($self->log_entries($mark))
+	{
+		next unless $e->{event} eq 'request';
+		for my $h (@{ $e->{headers} })
+		{
+			next unless lc($h->[0]) eq 'server-key';
+			my $pair = MIME::Base64::decode_base64($h->[1]);
+			$pair =~ s/^[^:]*://;
+			push @secrets, $pair;
+		}
+	}
+	return @secrets;
+}
 
 sub log_mark
 {

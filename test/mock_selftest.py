@@ -759,6 +759,20 @@ def run_checks(port, port2, tls_port, cert, log, tmp):
     r = post(port, user("fault-escapes-other"))
     check("fault-escapes-other -> normal success", r.status == 200 and
           r.body == success_bytes("fault-escapes-other"), r)
+    # a root member twice: json.loads keeps the later one, as jsonb does
+    for case, want in (
+            ("data", {"userID": "tt-later"}),
+            ("error", {"code": "40101", "message": "Invalid server key"}),
+            ("error-null", None),
+            ("data-null", None)):
+        r = post(port, user("fault-dup-" + case))
+        key = "data" if case.startswith("data") else "error"
+        check("fault-dup-" + case, r.status == 200 and
+              r.body.count(b'"%s":' % key.encode()) == 2 and
+              json.loads(r.body)[key] == want, r)
+    r = post(port, user("fault-dup-other"))
+    check("fault-dup-other -> normal success", r.status == 200 and
+          r.body == success_bytes("fault-dup-other"), r)
     r = post(port, user("fault-whatever"))
     check("unknown fault-... -> success", r.status == 200 and r.body ==
           success_bytes("fault-whatever"), r)

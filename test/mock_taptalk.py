@@ -143,6 +143,21 @@ API contract
                                 nothing more until the client closes (gives
                                 up after 120 s), after any other code the
                                 normal success
+     fault-dup-<case>           200, a root member given twice (JSON allows
+                                it; the later one wins, as in jsonb):
+                                  data        "data" with userID "tt-first"
+                                              and ticket "ticket-first",
+                                              then "data" with userID
+                                              "tt-later" only
+                                  error       "error" 40002 with message
+                                              and field "107", then "error"
+                                              "40101" "Invalid server key"
+                                              with no field
+                                  error-null  "error" 40002 as above, then
+                                              "error": null; success data
+                                  data-null   success data, then "data":
+                                              null
+                                any other case answers the normal success
      fault-unicode-<place>-<form>-<hex>
                                 the character U+<hex> (1 to 6 lower-case
                                 hex digits; not NUL, not a surrogate) in one
@@ -347,6 +362,21 @@ ESCAPE_BODIES = {
     "ignored": b'{"status":200,' + ESCAPES_OK + b',"data":{"note":'
                b'"\\ud800 \\udc00\\ud800 \\u0000","userID":"tt-ignored",'
                b'"ticket":"ticket-ignored"}}',
+}
+
+# fault-dup-<case>: a root member given twice
+DUP_ERROR_40002 = (b'"error":{"code":"40002","message":"Param \'email\' is '
+                   b'invalid","field":"107"}')
+DUP_DATA_OK = b'"data":{"userID":"tt-first","ticket":"ticket-first"}'
+DUP_BODIES = {
+    "data": b'{"status":200,' + ESCAPES_OK + b',' + DUP_DATA_OK
+            + b',"data":{"userID":"tt-later"}}',
+    "error": b'{"status":200,' + DUP_ERROR_40002 + b',"data":{},'
+             b'"error":{"code":"40101","message":"Invalid server key"}}',
+    "error-null": b'{"status":200,' + DUP_ERROR_40002 + b',' + DUP_DATA_OK
+                  + b',"error":null}',
+    "data-null": b'{"status":200,' + ESCAPES_OK + b',' + DUP_DATA_OK
+                 + b',"data":null}',
 }
 
 
@@ -913,6 +943,8 @@ class Connection:
                           % (code, reason(code).encode("ascii")))
                 if code == 101:
                     return self.switched()
+        elif f.startswith("dup-") and f[4:] in DUP_BODIES:
+            return self.json_resp(req, 200, DUP_BODIES[f[4:]])
         elif f.startswith("escapes-") and f[8:] in ESCAPE_BODIES:
             return self.json_resp(req, 200, ESCAPE_BODIES[f[8:]])
         elif f.startswith("unicode-"):
