@@ -5,16 +5,19 @@
  *	  role that enqueued the request, within taptalk.callback_timeout, and
  *	  isolated from the worker and from every other role's callbacks.
  *
- * The worker runs each callback in a transaction of its own, the one that
- * records its request's outcome (worker.c), so what a callback leaves in
- * its transaction (cursors, SET CONSTRAINTS, transaction-level advisory
- * locks, SET LOCAL) ends with it.  Here, around the call:
+ * The worker runs the callbacks of one role in a transaction of their own,
+ * the one that records their requests' outcomes (worker.c), so what a
+ * callback leaves in its transaction (cursors, SET CONSTRAINTS,
+ * transaction-level advisory locks, SET LOCAL) never reaches another
+ * role's.  Here, around each call:
  * - the session user and the current user are the enqueuing role, under
  *   SECURITY_RESTRICTED_OPERATION (no temporary objects, no WITH HOLD
  *   cursors, no LISTEN, no SET ROLE), with search_path pg_catalog, pg_temp;
  * - the settings it changes, even with SET, are undone afterwards;
  * - what outlives a transaction, prepared statements and session-level
  *   advisory locks, is dropped afterwards;
+ * - the deferred constraints it left are checked, and the cursors it left
+ *   open closed, when it returns;
  * - the call is cancelled after taptalk.callback_timeout;
  * - its errors are caught in a subtransaction and returned as text.
  *
@@ -25,12 +28,15 @@
 #include "access/xact.h"
 #include "catalog/pg_authid.h"
 #include "commands/prepare.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/portal.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 #include "utils/timeout.h"
@@ -113,6 +119,51 @@ stop_timeout(void)
 }
 
 /*
+ * The callbacks of one role share a transaction: the deferred constraints
+ * a callback's writes left unchecked are checked now, as SET CONSTRAINTS
+ * ALL IMMEDIATE would, so that a violation is this callback's error, not
+ * the failed commit of all of them.  Deferrable constraints are then
+ * checked immediately for the rest of the transaction.
+ */
+static void
+check_deferred(void)
+{
+	ConstraintsSetStmt *stmt = makeNode(ConstraintsSetStmt);
+
+	stmt->constraints = NIL;
+	stmt->deferred = false;
+	AfterTriggerSetState(stmt);
+}
+
+/*
+ * Close the cursors a callback left open (the next callback of the same
+ * role, in the same transaction, may open one of the same name).  They are
+ * the only ones: the worker's own statements open none.
+ */
+static void
+close_cursors(void)
+{
+	uint64		n;
+	char	  **names;
+
+	if (SPI_execute("SELECT name FROM pg_catalog.pg_cursors", true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not list the open cursors");
+	n = SPI_processed;
+	if (n == 0)
+		return;
+	names = palloc(sizeof(char *) * n);
+	for (uint64 i = 0; i < n; i++)
+		names[i] = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+	for (uint64 i = 0; i < n; i++)
+	{
+		Portal		portal = GetPortalByName(names[i]);
+
+		if (PortalIsValid(portal))
+			PortalDrop(portal, false);
+	}
+}
+
+/*
  * The function a stored callback names: its qualified signature, as
  * taptalk_enqueue wrote it, looked up now (function OIDs do not survive
  * pg_upgrade or a dump and restore; a name does).  Raises when it names no
@@ -172,6 +223,8 @@ taptalk_run_callback(const char *callback, Oid role, int64 id, Jsonb *request,
 		become_session_role(role, &saved);
 		start_timeout();
 		taptalk_queue_call_callback(proc, id, request, result, result_type);
+		check_deferred();
+		close_cursors();
 		stop_timeout();
 		restore_session_role(&outer, &saved, false);
 		switched = false;

@@ -1367,61 +1367,103 @@ step(Pipeline *p, bool first, bool want_claim)
 }
 
 /*
- * Record one finished request's outcome and run its callback, in a
- * transaction of their own: the callback's writes and the outcome commit
- * together, and nothing the callback leaves in its transaction reaches
- * another's.  The commit does not wait for its WAL to be flushed: after a
- * crash that loses it, the request is sent again.
+ * Record the outcomes of n finished requests of one role (`which`) and run
+ * their callbacks, in a transaction of their own: each callback's writes
+ * and its request's outcome commit together, and nothing a callback leaves
+ * in its transaction reaches another role's.  The commit does not wait for
+ * its WAL to be flushed: after a crash that loses it, the requests are sent
+ * again.
  */
 static void
-callback_step(Pipeline *p, int i)
+callback_step(Pipeline *p, const int *which, int n)
 {
-	QueueItem  *item = &p->items[i];
-	bool		recorded;
+	bool	   *recorded = palloc(sizeof(bool) * n);
 
-	begin_step("running a request's callback");
+	begin_step("running requests' callbacks");
 	(void) set_config_option("synchronous_commit", "off", PGC_SUSET,
 							 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
-	record_items(p, &i, 1, &recorded);
-	if (recorded)
+	record_items(p, which, n, recorded);
+	for (int f = 0; f < n; f++)
 	{
-		char	   *error = taptalk_run_callback(item->callback, item->role,
-												 item->id, item->request,
-												 &item->result, p->result_type);
+		QueueItem  *item = &p->items[which[f]];
+		char	   *error;
 
+		if (!recorded[f])
+			continue;
+		error = taptalk_run_callback(item->callback, item->role, item->id,
+									 item->request, &item->result,
+									 p->result_type);
 		if (error != NULL)
 			set_callback_error(item->id, error);
 	}
-	end_step(true);
+	/* the step that follows reports the writes to the statistics */
+	end_step(false);
 	report_committed();
 }
 
-/* callback_step, whose errors are logged and rolled back; frees the item. */
+/*
+ * callback_step, whose errors are logged and rolled back; frees the
+ * items.
+ */
 static void
-guarded_callback_step(Pipeline *p, int i)
+guarded_callback_step(Pipeline *p, const int *which, int n)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 
 	PG_TRY();
 	{
-		callback_step(p, i);
+		callback_step(p, which, n);
 	}
 	PG_CATCH();
 	{
 		MemoryContextSwitchTo(cxt);
 		abort_step();
 		ereport(LOG,
-				(errmsg("taptalk worker: the outcome of request %lld is not recorded; it is sent again when its lease expires",
-						(long long) p->items[i].id)));
+				(errmsg("taptalk worker: the outcomes of %d requests are not recorded; they are sent again when their lease expires",
+						n)));
 	}
 	PG_END_TRY();
-	release_item(p, i);
+	for (int f = 0; f < n; f++)
+		release_item(p, which[f]);
+}
+
+/*
+ * Run the callbacks of the finished requests in p->finished: a transaction
+ * for each role's (callbacks of different roles never share one), in the
+ * order the requests finished within each role.
+ */
+static void
+run_callbacks(Pipeline *p)
+{
+	int		   *group = palloc(sizeof(int) * Max(p->nfinished, 1));
+	bool	   *done = palloc0(sizeof(bool) * Max(p->nfinished, 1));
+
+	for (int f = 0; f < p->nfinished; f++)
+	{
+		Oid			role = p->items[p->finished[f]].role;
+		int			n = 0;
+
+		if (done[f])
+			continue;
+		for (int g = f; g < p->nfinished; g++)
+		{
+			if (!done[g] && p->items[p->finished[g]].role == role)
+			{
+				group[n++] = p->finished[g];
+				done[g] = true;
+			}
+		}
+		guarded_callback_step(p, group, n);
+	}
+	p->nfinished = 0;
+	pfree(group);
+	pfree(done);
 }
 
 /*
  * One step: a short transaction that records the finished requests'
  * outcomes and claims due requests for the free items, then a transaction
- * for each callback to run.  `first` is the step that starts a run.  An
+ * for each role whose callbacks are to run.  `first` is the step that starts a run.  An
  * error in the worker's own statements is logged and rolled back, and the
  * worker goes on: what the step claimed is not sent, outcomes it did not
  * record stay 'sending' until their lease expires (then they are sent
@@ -1465,9 +1507,7 @@ pipeline_step(Pipeline *p, bool first)
 	if (!found)
 		return false;
 
-	for (int f = 0; f < p->nfinished; f++)
-		guarded_callback_step(p, p->finished[f]);
-	p->nfinished = 0;
+	run_callbacks(p);
 	return true;
 }
 

@@ -4,9 +4,11 @@
 # - A callback that sleeps is cancelled after taptalk.callback_timeout; its
 #   request keeps its outcome, callback_error says why, and another role's
 #   request, enqueued after it, is sent and its callback run meanwhile.
-# - Nothing one role's callback leaves behind reaches the next role's:
+# - Nothing one role's callback leaves behind reaches another role's:
 #   open cursors (and the rows they could FETCH), SET CONSTRAINTS ALL
-#   DEFERRED, session advisory locks, settings changed with SET.  (PREPARE,
+#   DEFERRED, transaction-level advisory locks (the callbacks of one role
+#   may share a transaction).  Session advisory locks and settings changed
+#   with SET do not even reach the same role's next callback.  (PREPARE,
 #   temporary tables, WITH HOLD cursors and LISTEN are refused inside a
 #   callback by SECURITY_RESTRICTED_OPERATION.)  Inside a callback session_user and current_user are the
 #   enqueuing role.
@@ -62,7 +64,8 @@ DECLARE
 BEGIN
 	BEGIN
 		EXECUTE 'FETCH 1 FROM ' || quote_ident(
-			(SELECT name FROM pg_catalog.pg_cursors WHERE name LIKE 'c_%' LIMIT 1))
+			(SELECT name FROM pg_catalog.pg_cursors
+			 WHERE name LIKE 'c\_%' AND name <> 'c_' || current_user LIMIT 1))
 			INTO fetched;
 	EXCEPTION WHEN others THEN
 		fetched := '-';
@@ -75,11 +78,12 @@ BEGIN
 		mode := 'immediate';
 	END;
 	INSERT INTO public.seen VALUES (request_id, current_user, session_user,
-		(SELECT coalesce(string_agg(name, ','), '-') FROM pg_catalog.pg_cursors),
+		(SELECT coalesce(string_agg(name, ','), '-') FROM pg_catalog.pg_cursors
+			WHERE name <> 'c_' || current_user),
 		coalesce(fetched, '-'),
 		(SELECT coalesce(string_agg(name, ','), '-') FROM pg_catalog.pg_prepared_statements),
 		(SELECT count(*) FROM pg_catalog.pg_locks
-			WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()),
+			WHERE locktype = 'advisory' AND objid = 42 AND pid = pg_catalog.pg_backend_pid()),
 		coalesce(nullif(pg_catalog.current_setting('leak.x', true), ''), '-'),
 		mode);
 
