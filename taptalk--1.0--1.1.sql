@@ -94,14 +94,18 @@ GRANT SELECT ON taptalk_stats, taptalk_stats_errors, taptalk_stats_latency TO pg
 -- written by the extension's functions and its worker alone, and has no
 -- CHECK constraint, whose expression PostgreSQL prepares anew for every
 -- INSERT statement (it cost an enqueuing insert about a tenth of its
--- speed).  interruptions counts the times the worker stopped (a crash, a
--- kill, a restart) while the request was being sent.
+-- speed).  callback is the callback's qualified signature, as
+-- taptalk_enqueue checked it (schema.name(argument types)), looked up again
+-- when it runs: a function's OID survives neither pg_upgrade nor a dump
+-- and restore, and pg_upgrade refuses tables with a regprocedure column.
+-- interruptions counts the times the worker stopped (a crash, a kill, a
+-- restart) while the request was being sent.
 CREATE TABLE taptalk_queue (
 	id bigserial PRIMARY KEY,
 	enqueued_at timestamptz NOT NULL DEFAULT now(),
 	enqueued_by regrole NOT NULL,
 	request jsonb NOT NULL,
-	callback regprocedure,
+	callback text,
 	state text NOT NULL DEFAULT 'queued',
 	attempts integer NOT NULL DEFAULT 0,
 	interruptions integer NOT NULL DEFAULT 0,

@@ -27,6 +27,8 @@
 #include "commands/prepare.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/syscache.h"
@@ -111,13 +113,37 @@ stop_timeout(void)
 }
 
 /*
- * Run the callback `callback` of request `id` with its outcome, as `role`,
+ * The function a stored callback names: its qualified signature, as
+ * taptalk_enqueue wrote it, looked up now (function OIDs do not survive
+ * pg_upgrade or a dump and restore; a name does).  Raises when it names no
+ * function (any more): the function or its schema was dropped or renamed.
+ */
+static Oid
+resolve(const char *callback)
+{
+	LOCAL_FCINFO(fcinfo, 1);
+	Datum		proc;
+
+	InitFunctionCallInfoData(*fcinfo, NULL, 1, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = CStringGetTextDatum(callback);
+	fcinfo->args[0].isnull = false;
+	proc = to_regprocedure(fcinfo);
+	if (fcinfo->isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("callback function %s does not exist", callback),
+				 errdetail("The function, or its schema, was dropped or renamed after the request was enqueued.")));
+	return DatumGetObjectId(proc);
+}
+
+/*
+ * Run the callback `callback` (its qualified signature) of request `id` with its outcome, as `role`,
  * in a subtransaction of the current transaction.  Returns NULL when it
  * succeeded, else its error message (with any ticket masked: the message
  * goes to the queue table).
  */
 char *
-taptalk_run_callback(Oid callback, Oid role, int64 id, Jsonb *request,
+taptalk_run_callback(const char *callback, Oid role, int64 id, Jsonb *request,
 					 const TaptalkResult *result, Oid result_type)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
@@ -125,6 +151,7 @@ taptalk_run_callback(Oid callback, Oid role, int64 id, Jsonb *request,
 	TaptalkRoleSwitch saved;
 	OuterUser	outer;
 	TimestampTz started = GetCurrentTimestamp();
+	Oid			proc;
 	volatile bool switched = false;
 	char	   *volatile error = NULL;
 
@@ -138,12 +165,13 @@ taptalk_run_callback(Oid callback, Oid role, int64 id, Jsonb *request,
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_OBJECT),
 					 errmsg("role with OID %u does not exist", role)));
-		taptalk_queue_check_callback(callback, role, result_type);
+		proc = resolve(callback);
+		taptalk_queue_check_callback(proc, role, result_type);
 
 		switched = true;
 		become_session_role(role, &saved);
 		start_timeout();
-		taptalk_queue_call_callback(callback, id, request, result, result_type);
+		taptalk_queue_call_callback(proc, id, request, result, result_type);
 		stop_timeout();
 		restore_session_role(&outer, &saved, false);
 		switched = false;

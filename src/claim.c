@@ -95,7 +95,7 @@ taptalk_claim_sql(const char *table)
 					" attempts = attempts + 1"
 					" WHERE id = ANY (ARRAY(SELECT id FROM due"
 					"  ORDER BY round, role <= $6, role LIMIT $1))"
-					" RETURNING id, request, callback::pg_catalog.oid,"
+					" RETURNING id, request, callback,"
 					"  enqueued_by::pg_catalog.oid, attempts, next_attempt_at",
 					table, table, table, table);
 }
@@ -114,7 +114,7 @@ taptalk_claim_suspect_sql(const char *table)
 					"  WHERE state = 'queued' AND interruptions > 0"
 					"   AND next_attempt_at <= pg_catalog.now()"
 					"  ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED))"
-					" RETURNING id, request, callback::pg_catalog.oid,"
+					" RETURNING id, request, callback,"
 					"  enqueued_by::pg_catalog.oid, attempts, next_attempt_at",
 					table, table);
 }

@@ -262,7 +262,7 @@ static const struct
 	[QC_ENQUEUED_AT] = {"enqueued_at", TIMESTAMPTZOID},
 	[QC_ENQUEUED_BY] = {"enqueued_by", REGROLEOID},
 	[QC_REQUEST] = {"request", JSONBOID},
-	[QC_CALLBACK] = {"callback", REGPROCEDUREOID},
+	[QC_CALLBACK] = {"callback", TEXTOID},
 	[QC_STATE] = {"state", TEXTOID},
 	[QC_ATTEMPTS] = {"attempts", INT4OID},
 	[QC_INTERRUPTIONS] = {"interruptions", INT4OID},
@@ -404,8 +404,10 @@ insert_request(Oid nsp, Oid caller, Jsonb *request, Oid callback,
 	SET_COLUMN(QC_ENQUEUED_AT, TimestampTzGetDatum(now));
 	SET_COLUMN(QC_ENQUEUED_BY, ObjectIdGetDatum(caller));
 	SET_COLUMN(QC_REQUEST, JsonbPGetDatum(request));
+	/* by name: a function's OID survives neither pg_upgrade nor a restore */
 	if (OidIsValid(callback))
-		SET_COLUMN(QC_CALLBACK, ObjectIdGetDatum(callback));
+		SET_COLUMN(QC_CALLBACK,
+				   CStringGetTextDatum(format_procedure_qualified(callback)));
 	SET_COLUMN(QC_ATTEMPTS, Int32GetDatum(0));
 	SET_COLUMN(QC_INTERRUPTIONS, Int32GetDatum(0));
 	SET_COLUMN(QC_NEXT_ATTEMPT_AT, TimestampTzGetDatum(now));

@@ -152,7 +152,7 @@ typedef struct QueueItem
 	MemoryContext cxt;			/* the request's and the result's memory */
 	int64		id;
 	Jsonb	   *request;
-	Oid			callback;
+	char	   *callback;		/* its qualified signature, or NULL */
 	Oid			role;
 	int			attempts;
 	bool		oversized;		/* request too large to read: not read */
@@ -691,7 +691,7 @@ prepare_plans(Oid table_oid, const char *table)
 										"  AND ($1 OR lease_until < pg_catalog.now())"
 										"  AND interruptions + 1 >= $2"
 										"  ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED))"
-										" RETURNING id, callback::pg_catalog.oid,"
+										" RETURNING id, callback,"
 										"  enqueued_by::pg_catalog.oid, attempts, interruptions",
 										table, table),
 							   4, stranded_types);
@@ -878,6 +878,17 @@ finish_item(Pipeline *p, int i, const TaptalkResult *result)
 	p->finished[p->nfinished++] = i;
 }
 
+/* A copy of a text Datum as a C string in `cxt`. */
+static char *
+text_in(MemoryContext cxt, Datum d)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	char	   *s = TextDatumGetCString(d);
+
+	MemoryContextSwitchTo(old);
+	return s;
+}
+
 /*
  * Take an item for each request a claim returned (id, request, callback,
  * role, attempts, next_attempt_at), and note each one's role and key in
@@ -911,7 +922,7 @@ take_claimed(Pipeline *p, Oid *roles, TimestampTz *ats, int64 *ids)
 			MemoryContextSwitchTo(old);
 		}
 		d = SPI_getbinval(tup, desc, 3, &isnull);
-		item->callback = isnull ? InvalidOid : DatumGetObjectId(d);
+		item->callback = isnull ? NULL : text_in(item->cxt, d);
 		item->role = DatumGetObjectId(SPI_getbinval(tup, desc, 4, &isnull));
 		item->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
 		if (roles != NULL)
@@ -1087,7 +1098,7 @@ final_state(const QueueItem *item)
 static bool
 runs_callback(const QueueItem *item)
 {
-	return OidIsValid(item->callback) && !item->stopped &&
+	return item->callback != NULL && !item->stopped &&
 		strcmp(final_state(item), "queued") != 0;
 }
 
@@ -1202,7 +1213,7 @@ record_finished(Pipeline *p)
 	{
 		QueueItem  *item = &p->items[plain[f]];
 
-		if (recorded[f] && item->stopped && OidIsValid(item->callback))
+		if (recorded[f] && item->stopped && item->callback != NULL)
 			set_callback_error(item->id,
 							   "callback not run: the worker stopped while sending this request, or running its callback, too often");
 		release_item(p, plain[f]);
@@ -1265,7 +1276,7 @@ rescue(Pipeline *p, bool all)
 
 		item->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 		d = SPI_getbinval(tup, desc, 2, &isnull);
-		item->callback = isnull ? InvalidOid : DatumGetObjectId(d);
+		item->callback = isnull ? NULL : text_in(item->cxt, d);
 		item->role = DatumGetObjectId(SPI_getbinval(tup, desc, 3, &isnull));
 		item->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
 		times = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));

@@ -228,7 +228,7 @@ is( $node->safe_psql(
 my $log = TaptalkTest::log_offset($node);
 TaptalkTest::write_key_file($key_file, 'wrong-mode-secret', 0640);
 $node->reload;
-ok(wait_log($log, qr/has group or world access/),
+ok(TaptalkTest::wait_log($node, $log, qr/has group or world access/),
 	'reload: the key file of mode 0640 is refused, in the log');
 is_deeply([ request('kf-kept') ], [ 'tt-kf-kept', $secret ],
 	'reload: the key in use stays');
@@ -267,19 +267,6 @@ is_deeply([ request('kf-back') ], [ 'tt-kf-back', $secret ],
 my $server_log = slurp_file($node->logfile);
 is(index($server_log, $secret), -1, 'the secret is not in the server log');
 is(index($server_log, $rotated), -1, 'nor the rotated one');
-
-# wait_log(OFFSET, RE): whether the server log after OFFSET matches RE
-# within the default timeout
-sub wait_log
-{
-	my ($offset, $re) = @_;
-	for (1 .. 10 * $PostgreSQL::Test::Utils::timeout_default)
-	{
-		return 1 if slurp_file($node->logfile, $offset) =~ $re;
-		usleep(100_000);
-	}
-	return 0;
-}
 
 $node->stop;
 $mock->stop;

@@ -37,19 +37,6 @@ sub wait_for_key
 	return 0;
 }
 
-# wait_log(OFFSET, RE): whether the server log after OFFSET matches RE
-# within the default timeout
-sub wait_log
-{
-	my ($offset, $re) = @_;
-	for (1 .. 10 * $PostgreSQL::Test::Utils::timeout_default)
-	{
-		return 1 if slurp_file($node->logfile, $offset) =~ $re;
-		usleep(100_000);
-	}
-	return 0;
-}
-
 my $log = TaptalkTest::log_offset($node);
 my @secrets;
 
@@ -66,8 +53,7 @@ close($fh) or die "could not write $conf: $!";
 $node->reload;
 ok(wait_for_key($mixed, 'log-mixed'),
 	'TapTalk.Server_Key_Secret in postgresql.conf took effect');
-ok( wait_log(
-		$log,
+ok( TaptalkTest::wait_log($node, $log,
 		qr/LOG:  parameter "TapTalk\.Server_Key_Secret" changed to "\*\*\*\*\*\*\*\*"/
 	),
 	'the postmaster logged the change, masked');
@@ -79,7 +65,7 @@ $node->safe_psql('postgres',
 	qq{ALTER SYSTEM SET "TAPTALK.SERVER_KEY_SECRET" = '$upper'; SELECT pg_reload_conf()});
 ok(wait_for_key($upper, 'log-upper'),
 	'ALTER SYSTEM SET "TAPTALK.SERVER_KEY_SECRET" took effect');
-ok(wait_log($log, qr/statement: \(a statement naming taptalk\.server_key_secret, not logged\)/),
+ok(TaptalkTest::wait_log($node, $log, qr/statement: \(a statement naming taptalk\.server_key_secret, not logged\)/),
 	'log_statement logged that a statement named the setting, not the statement');
 
 # a statement that fails while naming it: no STATEMENT line with its text
@@ -102,8 +88,7 @@ $log = TaptalkTest::log_offset($node);
 $node->append_conf('postgresql.conf',
 	"taptalk.base_url = '" . $mock->base_url . "/?token=x'");
 $node->reload;
-ok( wait_log(
-		$log,
+ok( TaptalkTest::wait_log($node, $log,
 		qr/invalid value for parameter "taptalk\.base_url": ".*\/\?token=x"\n.*DETAIL:  The URL contains a query/
 	),
 	'a base URL with a query is refused at a reload, with the reason');

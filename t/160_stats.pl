@@ -100,6 +100,23 @@ is(q1($acls, 'upgrade'), q1($acls),
 	'and the same privileges on the statistics');
 is(q1('SELECT count(*) FROM taptalk_stats', 'upgrade'),
 	3, 'its views read the same statistics');
+# the tables as \d shows them: columns, defaults, indexes, constraints, views
+my $tables = q{SELECT string_agg(d, E'\n' ORDER BY d) FROM (
+	SELECT format('%s.%s %s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+		a.attnotnull, pg_get_expr(ad.adbin, ad.adrelid)) AS d
+	FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+	LEFT JOIN pg_attrdef ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
+	WHERE c.relname LIKE 'taptalk%'
+	UNION ALL SELECT pg_get_indexdef(indexrelid) FROM pg_index
+	WHERE indrelid = 'taptalk_queue'::regclass
+	UNION ALL SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+	WHERE conrelid = 'taptalk_queue'::regclass
+	UNION ALL SELECT c.relname || ' ' || pg_get_viewdef(c.oid) FROM pg_class c
+	WHERE c.relkind = 'v' AND c.relname LIKE 'taptalk%') s};
+is(q1($tables, 'upgrade'), q1($tables),
+	'and the same tables, columns, defaults, indexes, constraints and views');
+unlike(q1($tables), qr/ reg(proc|procedure|oper|operator|config|dictionary|namespace|collation) /,
+	'no column of a type pg_upgrade refuses');
 
 # ---------------------------------------------------------------- pgbench
 my $clients = 8;

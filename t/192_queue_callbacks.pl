@@ -14,6 +14,8 @@
 #   through a SECURITY DEFINER function) does not loop forever: its request
 #   fails as WORKER_STOPPED at the third stop, its callback no longer runs,
 #   and the other requests drain.  The postmaster never restarts.
+# - The queue keeps a callback's qualified signature, resolved when it runs:
+#   one whose schema was renamed meanwhile gives a clear callback_error.
 use strict;
 use warnings;
 
@@ -159,6 +161,32 @@ is( q1(q{SELECT string_agg(DISTINCT format('%s %s', state, callback_error), ', '
 		FROM taptalk_queue WHERE request->>'xcUserID' LIKE 'cb-%'
 		AND request->>'xcUserID' <> 'cb-sleeper'}),
 	'succeeded ', 'every one of them succeeded, callback included');
+
+# ------------------------------------- callbacks are stored by their name
+# (a function's OID survives neither pg_upgrade nor a dump and restore)
+q1(q{
+CREATE SCHEMA cbs;
+GRANT USAGE ON SCHEMA cbs TO bob;
+CREATE FUNCTION cbs.note(request_id bigint, request jsonb, result taptalk_auth_ticket_result)
+RETURNS void LANGUAGE sql AS $$ INSERT INTO public.seen (request_id, who) VALUES (request_id, current_user) $$;
+});
+enqueue_as('bob', "SELECT taptalk_enqueue(req('fault-slow-1500'), 'cbs.note$cb')");
+is( q1(q{SELECT callback FROM taptalk_queue WHERE request->>'xcUserID' = 'fault-slow-1500'}),
+	'cbs.note(bigint,pg_catalog.jsonb,public.taptalk_auth_ticket_result)',
+	'the queue keeps the callback\'s qualified signature');
+q1('ALTER SCHEMA cbs RENAME TO cbs_renamed');
+ok( $node->poll_query_until('postgres',
+		"SELECT state = 'succeeded' FROM taptalk_queue WHERE request->>'xcUserID' = 'fault-slow-1500'"),
+	'a request whose callback\'s schema was renamed meanwhile succeeds');
+is( q1(q{SELECT callback_error FROM taptalk_queue WHERE request->>'xcUserID' = 'fault-slow-1500'}),
+	'callback function cbs.note(bigint,pg_catalog.jsonb,public.taptalk_auth_ticket_result) does not exist',
+	'... and callback_error says its callback no longer resolves');
+q1('ALTER SCHEMA cbs_renamed RENAME TO cbs');
+enqueue_as('bob', "SELECT taptalk_enqueue(req('cb-named'), 'cbs.note$cb')");
+TaptalkTest::queue_drained($node, 'the callback by name');
+is( q1(q{SELECT s.who FROM seen s JOIN taptalk_queue q ON q.id = s.request_id
+		WHERE q.request->>'xcUserID' = 'cb-named' AND q.callback_error IS NULL}),
+	'bob', 'a callback resolves by its name when it runs');
 
 # ----------------------------------------------- a callback that stops the worker
 my $mark = $mock->log_mark;

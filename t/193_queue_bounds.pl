@@ -56,7 +56,7 @@ q1("SELECT pg_sleep(0.2)");
 q1(qq{
 INSERT INTO taptalk_queue (enqueued_by, request, callback)
 SELECT 'alice'::regrole, req('hand-' || i) || jsonb_build_object('fullName', repeat('y', 10 * 1024 * 1024)),
-	'$cb'::regprocedure
+	'$cb'
 FROM generate_series(1, 32) i;
 });
 TaptalkTest::queue_drained($node, '32 hand-written 10 MB requests');

@@ -453,6 +453,26 @@ sub silent_server
 
 =pod
 
+=item TaptalkTest::wait_log($node, $offset, $re)
+
+Whether the node's server log after C<$offset> matches C<$re> within the
+default timeout (polled every 100 ms).
+
+=cut
+
+sub wait_log
+{
+	my ($node, $offset, $re) = @_;
+	for (1 .. 10 * $PostgreSQL::Test::Utils::timeout_default)
+	{
+		return 1 if slurp_file($node->logfile, $offset) =~ $re;
+		usleep(100_000);
+	}
+	return 0;
+}
+
+=pod
+
 =item TaptalkTest::silent_node($name, $base_url [, $conf])
 
 A node whose taptalk.base_url is C<$base_url>, with a test key and no mock
