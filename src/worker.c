@@ -281,7 +281,16 @@ taptalk_worker_init(void)
 			 "taptalk_worker_main");
 	snprintf(worker.bgw_name, sizeof(worker.bgw_name), "taptalk worker");
 	snprintf(worker.bgw_type, sizeof(worker.bgw_type), "taptalk worker");
-	RegisterBackgroundWorker(&worker);
+
+	/*
+	 * Not while pg_upgrade runs the server (binary-upgrade mode): it starts
+	 * the new cluster once more after moving the old one's data files in,
+	 * and the worker would send the queued requests and run their callbacks
+	 * there, in a cluster pg_upgrade is still working on, and be stopped
+	 * while sending.  The worker starts with the upgraded cluster.
+	 */
+	if (!IsBinaryUpgrade)
+		RegisterBackgroundWorker(&worker);
 }
 
 /*

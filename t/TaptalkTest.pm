@@ -104,7 +104,13 @@ of C<taptalk.server_key_secret>.
 C<< conf => "lines" >> is appended last.  Then the node is started and
 C<CREATE EXTENSION taptalk> runs in database C<postgres> (unless
 C<< extension => 0 >>); with C<< helpers => 1 >>, create_helpers() runs too.
-Returns the started node.
+Returns the started node; with C<< start => 0 >>, the node initialized and
+configured but not started (for pg_upgrade), without the extension.
+
+C<< install_path => $dir >> runs the PostgreSQL installed in C<$dir> (with
+bin/ and lib/, as PostgreSQL::Test::Cluster's option of that name) instead
+of the one under test, for another major version; C<< initdb => [...] >>
+adds initdb arguments.
 
 With C<TAPTALK_VALGRIND=DIR> in the environment (scripts/valgrind), the
 server runs under valgrind memcheck, one log per process in DIR: see
@@ -118,10 +124,16 @@ sub node
 	my $mock    = $opts{mock};
 	my $preload = $opts{preload} // 1;
 
+	my $install =
+	  $opts{install_path} // ($ENV{TAPTALK_VALGRIND} ? valgrind_install() : undef);
+
 	my $node = PostgreSQL::Test::Cluster->new($name,
-		$ENV{TAPTALK_VALGRIND} ? (install_path => valgrind_install()) : ());
+		defined $install ? (install_path => $install) : ());
 	$node->init(
-		extra => [ '--username=postgres', '--encoding=UTF8', '--locale=C.UTF-8' ]);
+		extra => [
+			'--username=postgres', '--encoding=UTF8', '--locale=C.UTF-8',
+			@{ $opts{initdb} // [] }
+		]);
 
 	my @conf = ('', '# taptalk', 'max_connections = 60');
 	push @conf, "shared_preload_libraries = 'taptalk'" if $preload;
@@ -145,6 +157,7 @@ sub node
 	}
 	push @conf, $opts{conf} if defined $opts{conf};
 	$node->append_conf('postgresql.conf', join("\n", @conf));
+	return $node unless $opts{start} // 1;
 	$node->start;
 
 	$node->safe_psql('postgres', 'CREATE EXTENSION taptalk')
@@ -533,18 +546,18 @@ sub cpu_seconds
 	return ($f[11] + $f[12]) / POSIX::sysconf(POSIX::_SC_CLK_TCK());
 }
 
-=item TaptalkTest::queue_drained($node, $what)
+=item TaptalkTest::queue_drained($node, $what [, $dbname])
 
-A test that passes once no request of database postgres's queue is queued
-or being sent (poll_query_until's wait).
+A test that passes once no request of the queue of database C<$dbname>
+(default postgres) is queued or being sent (poll_query_until's wait).
 
 =cut
 
 sub queue_drained
 {
-	my ($node, $what) = @_;
+	my ($node, $what, $dbname) = @_;
 	Test::More::ok(
-		$node->poll_query_until('postgres',
+		$node->poll_query_until($dbname // 'postgres',
 			"SELECT count(*) = 0 FROM taptalk_queue WHERE state IN ('queued', 'sending')"),
 		"queue drained: $what");
 }
