@@ -1149,6 +1149,7 @@ map_proxy_failure(Slot *slot, CURLcode rc, long status, TaptalkResult *result,
 						  psprintf("proxy \"%s\" refused the request with HTTP status %ld%s",
 								   multi_proxy_name, refused,
 								   refused == 407 ? " (Proxy Authentication Required)" :
+								   refused == 401 ? " (Unauthorized)" :
 								   refused == 403 ? " (Forbidden)" : ""));
 		*retry = (refused >= 500);
 		return true;
