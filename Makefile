@@ -2,7 +2,8 @@
 
 MODULE_big = taptalk
 OBJS = src/taptalk.o src/secret.o src/request.o src/response.o src/transport.o \
-	src/stats.o src/queue.o src/worker.o src/encoding.o src/callback.o src/claim.o
+	src/stats.o src/queue.o src/worker.o src/encoding.o src/callback.o src/claim.o \
+	src/proxy.o
 
 EXTENSION = taptalk
 DATA = taptalk--1.0.sql taptalk--1.0--1.1.sql

@@ -46,6 +46,40 @@ install_deps() {
 	fi
 }
 
+# install_proxies: tinyproxy and microsocks, the real proxies t/230_proxy.pl
+# runs requests through (it starts its own instances on free ports of
+# 127.0.0.1 and stops them).  Debian's tinyproxy package comes with a service
+# on a fixed port (8888) that must not run: while the packages install, a
+# policy-rc.d (unless the machine has one already) keeps their scripts from
+# starting it, and afterwards the service is stopped if it started anyway
+# and disabled for the next boot.
+install_proxies() {
+	local missing=() p policy=/usr/sbin/policy-rc.d own_policy=0
+	for p in tinyproxy microsocks; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+			missing+=("$p")
+	done
+	[ ${#missing[@]} -gt 0 ] || return 0
+	if [ ! -e "$policy" ]; then
+		printf '#!/bin/sh\n# no service starts while taptalk installs test packages\nexit 101\n' |
+			as_root tee "$policy" >/dev/null
+		as_root chmod 755 "$policy"
+		own_policy=1
+	fi
+	install_deps "${missing[@]}" || { [ $own_policy = 0 ] || as_root rm -f "$policy"; return 1; }
+	[ $own_policy = 0 ] || as_root rm -f "$policy"
+	if [ -x /etc/init.d/tinyproxy ]; then
+		as_root /etc/init.d/tinyproxy stop >/dev/null 2>&1 || true
+	fi
+	# systemctl disables without a running systemd too (and the SysV links)
+	if command -v systemctl >/dev/null; then
+		as_root systemctl disable --now tinyproxy.service >/dev/null 2>&1 ||
+			as_root systemctl disable tinyproxy.service >/dev/null 2>&1 || true
+	elif command -v update-rc.d >/dev/null; then
+		as_root update-rc.d tinyproxy disable >/dev/null 2>&1 || true
+	fi
+}
+
 build_install() {
 	echo "== building and installing taptalk"
 	# from scratch: objects built for another PostgreSQL would be reused

@@ -22,6 +22,13 @@
  * the log the text of any statement that names the setting.  It is
  * installed in the postmaster and inherited by every process it starts.
  *
+ * Other settings that hold a secret (taptalk.proxy's password, proxy.c)
+ * register with taptalk_hide_setting: their secret values are masked the
+ * same way, statements naming them are kept out of the log, and in a
+ * message naming them the password of any URL is masked as well (a value
+ * refused at a reload is never applied, so its password is known only from
+ * the message itself).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -57,6 +64,24 @@ static char *server_key_file = NULL;
 static char *key_file_secret = NULL;
 
 static emit_log_hook_type prev_emit_log_hook = NULL;
+
+/*
+ * Settings registered by taptalk_hide_setting: the words that name one in
+ * a statement (all of them, in any letter case), what such a statement is
+ * logged as, and where its secret values are.
+ */
+#define MAX_HIDDEN_SETTINGS 4
+#define MAX_HIDDEN_VALUES 2
+#define MIN_MASKED_VALUE 4
+typedef struct HiddenSetting
+{
+	const char *words[2];
+	const char *hidden_statement;
+	char	  **values[MAX_HIDDEN_VALUES];
+} HiddenSetting;
+
+static HiddenSetting hidden_settings[MAX_HIDDEN_SETTINGS];
+static int	n_hidden_settings = 0;
 
 /*
  * A setting's extra is freed by the GUC machinery: with free() up to
@@ -262,6 +287,67 @@ names_secret_setting(const char *text)
 	return holds_word(text, "server_key_secret");
 }
 
+/* Whether text names a registered setting: all of its words, in any case. */
+static bool
+names_hidden_setting(const char *text, const HiddenSetting *hs)
+{
+	for (int i = 0; i < (int) lengthof(hs->words); i++)
+	{
+		if (hs->words[i] != NULL && !holds_word(text, hs->words[i]))
+			return false;
+	}
+	return true;
+}
+
+/*
+ * `text` with the password of every URL in it ("scheme://user:password@")
+ * replaced by asterisks: a new palloc'd string, or `text` itself when there
+ * is none.  The userinfo ends at the last "@" before the next "/", space or
+ * quote, as a URL written with an unencoded "@" in its password would be
+ * read by a person.
+ */
+static char *
+mask_url_passwords(char *text)
+{
+	StringInfoData buf;
+	const char *p = text;
+	const char *scheme_end;
+	bool		masked = false;
+
+	initStringInfo(&buf);
+	while ((scheme_end = strstr(p, "://")) != NULL)
+	{
+		const char *start = scheme_end + 3;
+		size_t		span = strcspn(start, "/?# \t\n\"'");
+		const char *at = NULL;
+		const char *colon;
+
+		for (const char *q = start; q < start + span; q++)
+		{
+			if (*q == '@')
+				at = q;
+		}
+		colon = at ? memchr(start, ':', at - start) : NULL;
+		if (colon == NULL || colon + 1 == at)
+		{
+			appendBinaryStringInfo(&buf, p, start - p);
+			p = start;
+			continue;
+		}
+		appendBinaryStringInfo(&buf, p, colon + 1 - p);
+		appendStringInfoString(&buf, TAPTALK_MASK);
+		p = at;
+		masked = true;
+	}
+	if (!masked)
+	{
+		pfree(buf.data);
+		return text;
+	}
+	appendStringInfoString(&buf, p);
+	return buf.data;
+}
+
 /*
  * Drop *field when it lists a statement's bind parameters, as the server
  * logs them ("Parameters: $1 = ...", "... portal ... with parameters: ...").
@@ -281,6 +367,39 @@ mask_field(char **field)
 		return;
 	*field = taptalk_mask(*field, server_key_secret_setting);
 	*field = taptalk_mask(*field, key_file_secret);
+	for (int i = 0; i < n_hidden_settings; i++)
+	{
+		HiddenSetting *hs = &hidden_settings[i];
+
+		for (int j = 0; j < MAX_HIDDEN_VALUES; j++)
+		{
+			/* a value of a few characters would mask half the message */
+			if (hs->values[j] != NULL && *hs->values[j] != NULL &&
+				strlen(*hs->values[j]) >= MIN_MASKED_VALUE)
+				*field = taptalk_mask(*field, *hs->values[j]);
+		}
+		if (names_hidden_setting(*field, hs))
+			*field = mask_url_passwords(*field);
+	}
+}
+
+/*
+ * Hide statements that name the setting the same way: the text of a
+ * statement naming it is kept out of the log and replaced in a message by
+ * hidden_statement, with its bind parameters.
+ */
+static void
+hide_statement(ErrorData *edata, const char *hidden_statement)
+{
+	edata->hide_stmt = true;
+	if (edata->message != NULL && debug_query_string[0] != '\0')
+		edata->message = taptalk_replace(edata->message,
+										 debug_query_string,
+										 hidden_statement);
+	/* its parameters may be the secret too */
+	drop_parameters(&edata->detail);
+	drop_parameters(&edata->detail_log);
+	drop_parameters(&edata->context);
 }
 
 /*
@@ -305,19 +424,20 @@ mask_secret_hook(ErrorData *edata)
 	mask_field(&edata->internalquery);
 
 	if (debug_query_string != NULL && names_secret_setting(debug_query_string))
-	{
-		edata->hide_stmt = true;
-		if (edata->message != NULL && debug_query_string[0] != '\0')
-			edata->message = taptalk_replace(edata->message,
-											 debug_query_string,
-											 HIDDEN_STATEMENT);
-		/* its parameters may be the secret too */
-		drop_parameters(&edata->detail);
-		drop_parameters(&edata->detail_log);
-		drop_parameters(&edata->context);
-	}
+		hide_statement(edata, HIDDEN_STATEMENT);
 	if (edata->internalquery != NULL && names_secret_setting(edata->internalquery))
 		edata->internalquery = pstrdup(HIDDEN_STATEMENT);
+	for (int i = 0; i < n_hidden_settings; i++)
+	{
+		HiddenSetting *hs = &hidden_settings[i];
+
+		if (debug_query_string != NULL &&
+			names_hidden_setting(debug_query_string, hs))
+			hide_statement(edata, hs->hidden_statement);
+		if (edata->internalquery != NULL &&
+			names_hidden_setting(edata->internalquery, hs))
+			edata->internalquery = pstrdup(hs->hidden_statement);
+	}
 
 	if (prev_emit_log_hook)
 		prev_emit_log_hook(edata);
@@ -357,6 +477,32 @@ char *
 taptalk_mask(char *text, const char *secret)
 {
 	return taptalk_replace(text, secret, TAPTALK_MASK);
+}
+
+/*
+ * Keep another setting's secrets out of the log as the server key's are:
+ * the strings that *value1 and *value2 point to whenever a message is
+ * logged (either may be NULL) are masked in every message; a statement
+ * whose text holds word1 and word2 (word2 may be NULL), in any letter case,
+ * is logged as hidden_statement; and in a message holding both words, the
+ * password of any URL is masked.  Call it from _PG_init, so that the
+ * postmaster's hook knows it before any process starts.
+ */
+void
+taptalk_hide_setting(const char *word1, const char *word2,
+					 const char *hidden_statement,
+					 char **value1, char **value2)
+{
+	HiddenSetting *hs;
+
+	if (n_hidden_settings >= MAX_HIDDEN_SETTINGS)
+		elog(ERROR, "too many hidden settings");
+	hs = &hidden_settings[n_hidden_settings++];
+	hs->words[0] = word1;
+	hs->words[1] = word2;
+	hs->hidden_statement = hidden_statement;
+	hs->values[0] = value1;
+	hs->values[1] = value2;
 }
 
 /*

@@ -151,6 +151,8 @@ _PG_init(void)
 							   0,
 							   NULL, NULL, NULL);
 
+	taptalk_proxy_init();
+
 	DefineCustomIntVariable("taptalk.timeout",
 							"Sets the time limit of each request to TapTalk, retries included.",
 							"It starts when the request is first sent.",

@@ -101,6 +101,33 @@ extern void taptalk_secret_init(void);
 extern char *taptalk_mask(char *text, const char *secret);
 extern char *taptalk_replace(char *text, const char *find, const char *with);
 
+extern void taptalk_hide_setting(const char *word1, const char *word2,
+								 const char *hidden_statement,
+								 char **value1, char **value2);
+
+/* proxy.c: taptalk.proxy, parsed by its check hook */
+typedef enum TaptalkProxyType
+{
+	TAPTALK_PROXY_HTTP,
+	TAPTALK_PROXY_HTTPS,
+	TAPTALK_PROXY_SOCKS5H
+} TaptalkProxyType;
+
+typedef struct TaptalkProxy
+{
+	TaptalkProxyType type;
+	char	   *url;			/* scheme://host:port, without credentials */
+	char	   *name;			/* host:port, for messages */
+	char	   *user;			/* decoded; NULL when none */
+	char	   *password;		/* decoded; NULL when none */
+	char	   *password_written;	/* as written in the setting */
+	char	   *shown;			/* the setting with its password masked */
+} TaptalkProxy;
+
+extern char *taptalk_proxy_setting;
+extern void taptalk_proxy_init(void);
+extern const TaptalkProxy *taptalk_proxy(void);
+
 /* acting as another role, with a safe search_path (queue.c) */
 typedef struct TaptalkRoleSwitch
 {

@@ -119,6 +119,8 @@ static CURLM *multi = NULL;
 /* the settings the connection cache was built for, and the endpoint's URL */
 static char *multi_base_url = NULL;
 static char *multi_ca_file = NULL;
+static char *multi_proxy = NULL;		/* taptalk.proxy, wiped when freed */
+static char *multi_proxy_name = NULL;	/* its host:port; NULL for none */
 static char *multi_url = NULL;
 
 /* results of finished attempts live here until handed to the caller */
@@ -623,9 +625,13 @@ taptalk_transport_shutdown(void)
 	timer_armed = false;
 	free(multi_base_url);
 	free(multi_ca_file);
+	free_wiped(multi_proxy);
+	free(multi_proxy_name);
 	free(multi_url);
 	multi_base_url = NULL;
 	multi_ca_file = NULL;
+	multi_proxy = NULL;
+	multi_proxy_name = NULL;
 	multi_url = NULL;
 }
 
@@ -661,13 +667,15 @@ endpoint_url(const char *base)
 
 /*
  * Set the options that are the same for every request on a handle.  A
- * handle is replaced when the base URL or the CA file changes, so those are
- * set here too.  On failure, *option names the option libcurl refused.
+ * handle is replaced when the base URL, the CA file or the proxy changes,
+ * so those are set here too.  On failure, *option names the option libcurl
+ * refused.
  */
 static CURLcode
 setup_handle(Slot *slot, const char **option)
 {
 	CURL	   *easy = slot->easy;
+	const TaptalkProxy *proxy = taptalk_proxy();
 	CURLcode	rc;
 
 #define SET(name, value) \
@@ -688,8 +696,37 @@ setup_handle(Slot *slot, const char **option)
 	SET(CURLOPT_REDIR_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
 	SET(CURLOPT_FOLLOWLOCATION, 0L);
-	/* no proxy, not even one named by the server's environment */
-	SET(CURLOPT_PROXY, "");
+
+	/*
+	 * The proxy of taptalk.proxy, or none: never one named by the server's
+	 * environment (http_proxy, HTTPS_PROXY, ALL_PROXY, NO_PROXY).  An empty
+	 * CURLOPT_NOPROXY keeps libcurl from reading NO_PROXY, which would
+	 * bypass the proxy.  The credentials go separately, decoded, so the URL
+	 * libcurl holds (and may quote in a message) has no password.  HTTPS
+	 * to TapTalk goes through CONNECT, TLS end to end, verified as without
+	 * a proxy; an https:// proxy's own certificate is verified against the
+	 * same CA file.
+	 */
+	if (proxy == NULL)
+		SET(CURLOPT_PROXY, "");
+	else
+	{
+		SET(CURLOPT_PROXY, proxy->url);
+		SET(CURLOPT_PROXYTYPE,
+			proxy->type == TAPTALK_PROXY_HTTPS ? (long) CURLPROXY_HTTPS :
+			proxy->type == TAPTALK_PROXY_SOCKS5H ? (long) CURLPROXY_SOCKS5_HOSTNAME :
+			(long) CURLPROXY_HTTP);
+		SET(CURLOPT_NOPROXY, "");
+		if (proxy->user != NULL)
+		{
+			SET(CURLOPT_PROXYUSERNAME, proxy->user);
+			SET(CURLOPT_PROXYPASSWORD, proxy->password ? proxy->password : "");
+		}
+		SET(CURLOPT_PROXY_SSL_VERIFYPEER, 1L);
+		SET(CURLOPT_PROXY_SSL_VERIFYHOST, 2L);
+		if (multi_ca_file[0] != '\0')
+			SET(CURLOPT_PROXY_CAINFO, multi_ca_file);
+	}
 	SET(CURLOPT_NOSIGNAL, 1L);
 #if LIBCURL_VERSION_NUM >= 0x075700
 	/* never wait for a resolver thread stuck in getaddrinfo */
@@ -785,8 +822,9 @@ prepare_waiting(void)
 
 /*
  * Make sure the multi handle and at least `concurrency` slots exist, and that
- * the connection cache was built for the current base URL and CA file: when
- * either changed, the old connections are closed rather than reused.
+ * the connection cache was built for the current base URL, CA file and
+ * proxy: when one changed, the old connections are closed rather than
+ * reused.
  */
 static void
 prepare_transport(int concurrency)
@@ -806,16 +844,22 @@ prepare_transport(int concurrency)
 
 	if (multi != NULL &&
 		(!same_setting(multi_base_url, taptalk_base_url) ||
-		 !same_setting(multi_ca_file, taptalk_ca_file)))
+		 !same_setting(multi_ca_file, taptalk_ca_file) ||
+		 !same_setting(multi_proxy, taptalk_proxy_setting)))
 		taptalk_transport_shutdown();
 
 	if (multi == NULL)
 	{
+		const TaptalkProxy *proxy = taptalk_proxy();
+
 		multi_base_url = strdup(taptalk_base_url ? taptalk_base_url : "");
 		multi_ca_file = strdup(taptalk_ca_file ? taptalk_ca_file : "");
+		multi_proxy = strdup(taptalk_proxy_setting ? taptalk_proxy_setting : "");
+		multi_proxy_name = proxy ? strdup(proxy->name) : NULL;
 		multi_url = endpoint_url(multi_base_url ? multi_base_url : "");
 		multi = curl_multi_init();
 		if (multi == NULL || multi_base_url == NULL || multi_ca_file == NULL ||
+			multi_proxy == NULL || (proxy != NULL && multi_proxy_name == NULL) ||
 			multi_url == NULL)
 		{
 			taptalk_transport_shutdown();
@@ -1074,6 +1118,68 @@ gateway_status(long status)
 }
 
 /*
+ * A failure at taptalk.proxy, as CONNECTION_FAILED naming the proxy
+ * (host:port, never its credentials): false when the attempt did not fail
+ * at the proxy.  *retry says whether a retry may cure it: yes when the proxy
+ * could not be reached or could not reach TapTalk (5xx to CONNECT), no when
+ * it refused (407 Proxy Authentication Required, 403, another 4xx, a SOCKS
+ * authentication failure).  With an http:// base URL the request itself
+ * goes to the proxy, whose 407 then is the answer; its other answers cannot
+ * be told from TapTalk's and are mapped as TapTalk's.
+ */
+static bool
+map_proxy_failure(Slot *slot, CURLcode rc, long status, TaptalkResult *result,
+				  bool *retry)
+{
+	long		connect_code = 0;
+	long		refused = 0;
+
+	if (multi_proxy_name == NULL)
+		return false;
+	if (rc == CURLE_OK)
+		refused = (status == 407) ? 407 : 0;
+	else if (curl_easy_getinfo(slot->easy, CURLINFO_HTTP_CONNECTCODE,
+							   &connect_code) == CURLE_OK &&
+			 connect_code >= 300)
+		refused = connect_code;
+
+	if (refused != 0)
+	{
+		taptalk_set_error(result, TAPTALK_CODE_CONNECTION_FAILED, NULL,
+						  psprintf("proxy \"%s\" refused the request with HTTP status %ld%s",
+								   multi_proxy_name, refused,
+								   refused == 407 ? " (Proxy Authentication Required)" :
+								   refused == 401 ? " (Unauthorized)" :
+								   refused == 403 ? " (Forbidden)" : ""));
+		*retry = (refused >= 500);
+		return true;
+	}
+	if (rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_PROXY ||
+		rc == CURLE_PROXY)
+	{
+		long		socks_error = 0;
+
+		taptalk_set_error(result, TAPTALK_CODE_CONNECTION_FAILED, NULL,
+						  psprintf("could not connect to TapTalk through proxy \"%s\": %s",
+								   multi_proxy_name, curl_message(slot, rc)));
+		*retry = true;
+#if LIBCURL_VERSION_NUM >= 0x074900
+		if (rc == CURLE_PROXY &&
+			curl_easy_getinfo(slot->easy, CURLINFO_PROXY_ERROR,
+							  &socks_error) == CURLE_OK)
+			*retry = !(socks_error == CURLPX_USER_REJECTED ||
+					   socks_error == CURLPX_NO_AUTH ||
+					   socks_error == CURLPX_REQUEST_FAILED ||
+					   socks_error == CURLPX_REPLY_NOT_ALLOWED ||
+					   socks_error == CURLPX_LONG_USER ||
+					   socks_error == CURLPX_LONG_PASSWD);
+#endif
+		return true;
+	}
+	return false;
+}
+
+/*
  * Turn a finished attempt into a result.  Returns true when the attempt
  * failed in a way a retry may cure.
  */
@@ -1104,6 +1210,13 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 						  "TapTalk answered HTTP status 101 (Switching Protocols), which was not asked for");
 		result->http_status = 101;
 		return false;
+	}
+
+	{
+		bool		retry = false;
+
+		if (map_proxy_failure(slot, rc, status, result, &retry))
+			return retry;
 	}
 
 	if (rc == CURLE_OK)
@@ -1150,6 +1263,9 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 		{
 			/* the connect timeout passed, with time left for another try */
 			taptalk_set_error(result, TAPTALK_CODE_CONNECTION_FAILED, NULL,
+							  multi_proxy_name ?
+							  psprintf("could not connect to TapTalk through proxy \"%s\" within %d ms",
+									   multi_proxy_name, taptalk_connect_timeout_ms) :
 							  psprintf("could not connect to TapTalk within %d ms",
 									   taptalk_connect_timeout_ms));
 			return true;
@@ -1174,6 +1290,9 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 	}
 
 	taptalk_set_error(result, TAPTALK_CODE_CONNECTION_FAILED, NULL,
+					  multi_proxy_name ?
+					  psprintf("%s (through proxy \"%s\")",
+							   curl_message(slot, rc), multi_proxy_name) :
 					  curl_message(slot, rc));
 	return retryable_failure(rc);
 }
