@@ -135,6 +135,17 @@ API contract
                                 text/plain "service unavailable", later ones
                                 succeed
      fault-flakyreset-<n>-<token>  same, but the first n are TCP RSTs
+     fault-answer-<status>-<body>-<after>-<n>-<token>
+                                the first n requests for <token> answer
+                                <status> (400..599), later ones succeed.
+                                <body>: env (TapTalk's envelope, code
+                                <status>00, message the status's reason,
+                                429: "42900" "Too many requests"), text
+                                (text/plain "status <status>") or empty.
+                                <after>, the Retry-After header: none (no
+                                header), <s> (delta-seconds, any digits),
+                                date<s> (an HTTP-date <s> s from now),
+                                neg<s> ("-<s>") or junk ("soon")
      fault-envelope-field       400 envelope "40002" "Param 'email' is
                                 invalid" field "107"
      fault-interim-<code>       the interim answer "HTTP/1.1 <code> <reason>"
@@ -203,6 +214,7 @@ API contract
 
 import argparse
 import base64
+import email.utils
 import json
 import os
 import signal
@@ -933,6 +945,10 @@ class Connection:
                     if kind == "flaky":
                         return self.text(req, 503, SERVICE_UNAVAILABLE)
                     return self.reset()
+        elif f.startswith("answer-"):
+            answer = self.counted_answer(req, f[len("answer-"):])
+            if answer is not None:
+                return answer
         elif f == "envelope-field":
             return self.env_error(req, 400, "40002",
                                   "Param 'email' is invalid", "107")
@@ -952,6 +968,43 @@ class Connection:
             if answer is not None:
                 return self.json_resp(req, answer[0], answer[1])
         return self.json_resp(req, 200, success_body(x))
+
+    def counted_answer(self, req, spec):
+        """fault-answer-<status>-<body>-<after>-<n>-<token>: the answer of
+        one of the first n requests for token, or None (the success)."""
+        parts = spec.split("-", 4)
+        if len(parts) != 5:
+            return None
+        status = parse_uint(parts[0], 3)
+        body, after, n = parts[1], parts[2], parse_uint(parts[3])
+        if (status is None or not 400 <= status <= 599 or n is None
+                or body not in ("env", "text", "empty")):
+            return None
+        if self.state.bump(self.state.flaky, ("answer", spec)) > n:
+            return None
+        extra = []
+        if after.isascii() and after.isdigit():
+            extra.append(("Retry-After", after))
+        elif after.startswith("date") and parse_uint(after[4:]) is not None:
+            when = time.time() + parse_uint(after[4:])
+            extra.append(("Retry-After",
+                          email.utils.formatdate(when, usegmt=True)))
+        elif after.startswith("neg") and parse_uint(after[3:]) is not None:
+            extra.append(("Retry-After", "-" + after[3:]))
+        elif after == "junk":
+            extra.append(("Retry-After", "soon"))
+        elif after != "none":
+            return None
+        if body == "env":
+            return self.respond(req, status, "application/json",
+                                envelope(status, "%d00" % status,
+                                         "Too many requests" if status == 429
+                                         else reason(status), ""), extra)
+        if body == "text":
+            return self.respond(req, status, "text/plain; charset=utf-8",
+                                ("status %d" % status).encode("ascii"),
+                                extra)
+        return self.respond(req, status, None, b"", extra)
 
     def huge(self, req, mib, chunked=False, status=200):
         total = mib * 1048576
