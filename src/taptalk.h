@@ -20,7 +20,7 @@
 #error "taptalk requires PostgreSQL 15 or later"
 #endif
 
-#define TAPTALK_VERSION "1.1"
+#define TAPTALK_VERSION "1.2"
 
 /* pg_b64_encode's source is const uint8 * from PostgreSQL 18 on */
 #if PG_VERSION_NUM >= 180000
