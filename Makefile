@@ -6,7 +6,7 @@ OBJS = src/taptalk.o src/secret.o src/request.o src/response.o src/transport.o \
 	src/proxy.o
 
 EXTENSION = taptalk
-DATA = taptalk--1.0.sql taptalk--1.0--1.1.sql
+DATA = taptalk--1.0.sql taptalk--1.0--1.1.sql taptalk--1.1--1.2.sql
 
 # The tests need the mock TapTalk server and a cluster with taptalk preloaded
 # and pointed at it, so they run as TAP tests (t/*.pl), which start both:

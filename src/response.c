@@ -435,6 +435,7 @@ taptalk_set_error(TaptalkResult *result, const char *code, const char *field,
 	result->error_field = field ? pstrdup(field) : NULL;
 	result->error_message = message ? pstrdup(message) : NULL;
 	result->http_status = 0;
+	result->retry_after_ms = 0;
 }
 
 /*

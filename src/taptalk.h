@@ -20,7 +20,7 @@
 #error "taptalk requires PostgreSQL 15 or later"
 #endif
 
-#define TAPTALK_VERSION "1.1"
+#define TAPTALK_VERSION "1.2"
 
 /* pg_b64_encode's source is const uint8 * from PostgreSQL 18 on */
 #if PG_VERSION_NUM >= 180000
@@ -74,6 +74,9 @@ typedef struct TaptalkResult
 	char	   *error_message;
 	long		http_status;	/* status of TapTalk's answer; 0 when none
 								 * was read (not returned to SQL) */
+	int64		retry_after_ms; /* the wait a 429's or 503's Retry-After
+								 * asks for; 0 when none, or unusable (not
+								 * returned to SQL) */
 } TaptalkResult;
 
 /* settings (taptalk.c) */

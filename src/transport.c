@@ -70,6 +70,13 @@
 
 /* first retry waits about this long; each further one twice as long */
 #define RETRY_BASE_DELAY_MS 100
+/*
+ * A Retry-After beyond this is absurd and ignored; one within it is waited
+ * at most RETRY_AFTER_MAX_MS by this module's own retries (the worker has
+ * its own bound)
+ */
+#define RETRY_AFTER_SANE_S (24 * 60 * 60)
+#define RETRY_AFTER_MAX_MS (60 * 1000)
 
 /*
  * Longest single wait.  libcurl's timer always covers a transfer in flight
@@ -103,6 +110,7 @@ typedef struct Slot
 	bool		resp_nomem;
 	size_t		header_bytes;
 	bool		header_overflow;
+	int64		retry_after_ms; /* the final answer's Retry-After; 0: none */
 	bool		no_fds;			/* no file descriptor was left for a socket */
 	bool		socket_nomem;	/* no memory to note a socket as counted */
 	bool		switching;		/* the server answered 101, not asked for */
@@ -214,7 +222,55 @@ status_line_code(const char *line, size_t len)
 }
 
 /*
- * libcurl header callback: bound the headers' size, and stop at a
+ * The wait, in ms from now, that a Retry-After header's value asks for (RFC
+ * 9110 section 10.2.3): delta-seconds, or an HTTP-date, which libcurl's
+ * curl_getdate() reads.  0 when the value is neither, a date already past,
+ * or absurd (beyond RETRY_AFTER_SANE_S).  Runs in the header callback:
+ * raises nothing.
+ */
+static int64
+parse_retry_after(const char *value, size_t len)
+{
+	char		buf[128];
+	int64		secs = 0;
+
+	while (len > 0 && (*value == ' ' || *value == '\t'))
+		value++, len--;
+	while (len > 0 && (value[len - 1] == '\r' || value[len - 1] == '\n' ||
+					   value[len - 1] == ' ' || value[len - 1] == '\t'))
+		len--;
+	if (len == 0 || len >= sizeof(buf))
+		return 0;
+	if (isdigit((unsigned char) value[0]))
+	{
+		for (size_t i = 0; i < len; i++)
+		{
+			if (!isdigit((unsigned char) value[i]))
+				return 0;
+			secs = secs * 10 + (value[i] - '0');
+			if (secs > RETRY_AFTER_SANE_S)
+				return 0;
+		}
+	}
+	else if (isalpha((unsigned char) value[0]))
+	{
+		time_t		when;
+
+		memcpy(buf, value, len);
+		buf[len] = '\0';
+		when = curl_getdate(buf, NULL);
+		if (when == -1)
+			return 0;
+		secs = (int64) when - (int64) time(NULL);
+		if (secs <= 0 || secs > RETRY_AFTER_SANE_S)
+			return 0;
+	}
+	return secs * 1000;
+}
+
+/*
+ * libcurl header callback: bound the headers' size, note the final answer's
+ * Retry-After, and stop at a
  * "101 Switching Protocols" that we never asked for (we send no Upgrade).
  * libcurl would take everything after it for a body without a length and
  * wait for the connection to close, up to taptalk.timeout.  Other interim
@@ -233,10 +289,19 @@ count_headers(char *data, size_t size, size_t nmemb, void *userdata)
 		slot->header_overflow = true;
 		return 0;
 	}
-	if (status_line_code(data, n) == 101)
+	switch (status_line_code(data, n))
 	{
-		slot->switching = true;
-		return 0;
+		case 0:
+			if (n > 12 && pg_strncasecmp(data, "Retry-After:", 12) == 0)
+				slot->retry_after_ms = parse_retry_after(data + 12, n - 12);
+			break;
+		case 101:
+			slot->switching = true;
+			return 0;
+		default:
+			/* a new answer (after an interim one): its own headers count */
+			slot->retry_after_ms = 0;
+			break;
 	}
 	return n;
 }
@@ -1037,6 +1102,7 @@ start_attempt(Slot *slot, struct curl_slist *headers)
 	slot->resp_nomem = false;
 	slot->header_bytes = 0;
 	slot->header_overflow = false;
+	slot->retry_after_ms = 0;
 	slot->no_fds = false;
 	slot->socket_nomem = false;
 	slot->switching = false;
@@ -1110,11 +1176,14 @@ retryable_failure(CURLcode rc)
 	}
 }
 
-/* HTTP 502, 503 and 504: a gateway's failure, which a retry may cure */
+/*
+ * HTTP 429 (too many requests), and 502, 503 and 504 (a gateway's failure):
+ * a retry may cure them, whatever their body says
+ */
 static bool
-gateway_status(long status)
+retryable_status(long status)
 {
-	return status == 502 || status == 503 || status == 504;
+	return status == 429 || status == 502 || status == 503 || status == 504;
 }
 
 /*
@@ -1184,7 +1253,7 @@ map_proxy_failure(Slot *slot, CURLcode rc, long status, TaptalkResult *result,
  * failed in a way a retry may cure.
  */
 static bool
-map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
+map_answer(Slot *slot, CURLcode rc, TaptalkResult *result)
 {
 	long		status = 0;
 
@@ -1224,8 +1293,8 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 		taptalk_map_response(status, slot->resp ? slot->resp : "",
 							 slot->resp_len, result);
 		result->http_status = status;
-		return gateway_status(status) && result->error_code != NULL &&
-			strcmp(result->error_code, TAPTALK_CODE_HTTP_ERROR) == 0;
+		/* the status decides: TapTalk's envelope on a 429 or 503 too */
+		return result->error_code != NULL && retryable_status(status);
 	}
 
 	if (slot->resp_overflow || rc == CURLE_FILESIZE_EXCEEDED ||
@@ -1247,7 +1316,7 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 							  psprintf("TapTalk answered HTTP status %ld without an error envelope (%s)",
 									   status, what));
 			result->http_status = status;
-			return gateway_status(status);
+			return retryable_status(status);
 		}
 		taptalk_set_error(result, TAPTALK_CODE_INVALID_RESPONSE, NULL, what);
 		return false;
@@ -1298,16 +1367,43 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 }
 
 /*
- * When to try a failed attempt again, or 0 for no retry: exponential backoff
- * with jitter, only while the request's timeout leaves room for it.
+ * map_answer, and the Retry-After of a 429 or a 503 in the result (the
+ * worker's pause and backoff use it).
+ */
+static bool
+map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
+{
+	bool		retry = map_answer(slot, rc, result);
+
+	result->retry_after_ms = 0;
+	if (result->error_code != NULL &&
+		(result->http_status == 429 || result->http_status == 503))
+		result->retry_after_ms = slot->retry_after_ms;
+	return retry;
+}
+
+/*
+ * When to try a failed attempt again, or 0 for no retry: after the
+ * Retry-After of a 429 or 503 when it fits in what is left of the request's
+ * timeout and in RETRY_AFTER_MAX_MS (else no retry: it could not succeed in
+ * time); otherwise after an exponential backoff with jitter, only while the
+ * request's timeout leaves room for it.
  */
 static TimestampTz
-retry_time(Slot *slot)
+retry_time(Slot *slot, const TaptalkResult *result)
 {
 	long		delay_ms;
 
 	if (slot->attempt >= run_max_retries)
 		return 0;
+	if (result->retry_after_ms > 0)
+	{
+		if (result->retry_after_ms > RETRY_AFTER_MAX_MS ||
+			result->retry_after_ms + 10 >= remaining_ms(slot->deadline))
+			return 0;
+		return TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+										   result->retry_after_ms);
+	}
 	delay_ms = (long) RETRY_BASE_DELAY_MS << Min(slot->attempt, 10);
 	/* jitter in [delay/2, delay), so that backends do not retry in step */
 #if PG_VERSION_NUM >= 150000
@@ -1456,7 +1552,7 @@ collect_finished(TaptalkPath path, taptalk_done_fn done, void *arg)
 
 		old = MemoryContextSwitchTo(result_cxt);
 		retry = map_attempt(slot, msg->data.result, &result) &&
-			(slot->retry_at = retry_time(slot)) != 0;
+			(slot->retry_at = retry_time(slot, &result)) != 0;
 		MemoryContextSwitchTo(old);
 		if (retry)
 		{

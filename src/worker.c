@@ -93,6 +93,16 @@ int			taptalk_retention_s = 86400;
  */
 #define OUTAGE_AFTER 10
 #define OUTAGE_MAX_MS (60 * 1000)
+/*
+ * TapTalk's rate limit (a 429): sending pauses for the answer's Retry-After,
+ * at most RATELIMIT_MAX_MS, or without one for about RATELIMIT_BASE_MS,
+ * doubling with each pause in a row, at most RATELIMIT_GUESS_MAX_MS
+ */
+#define RATELIMIT_MAX_MS (10 * 60 * 1000)
+#define RATELIMIT_BASE_MS 1000
+#define RATELIMIT_GUESS_MAX_MS (60 * 1000)
+/* a rate limit pause is logged at most this often */
+#define RATELIMIT_LOG_MS (60 * 1000)
 
 /*
  * What the worker is doing, as the view taptalk_worker shows it (the names
@@ -107,6 +117,7 @@ typedef enum WorkerState
 	WORKER_IDLE,
 	WORKER_BACKING_OFF,
 	WORKER_SENDING,
+	WORKER_RATE_LIMITED,
 } WorkerState;
 
 static const char *const state_names[] = {
@@ -117,6 +128,7 @@ static const char *const state_names[] = {
 	[WORKER_IDLE] = "idle",
 	[WORKER_BACKING_OFF] = "backing off",
 	[WORKER_SENDING] = "sending",
+	[WORKER_RATE_LIMITED] = "rate limited",
 };
 
 /*
@@ -133,6 +145,7 @@ typedef struct WorkerShared
 	int			pid;			/* 0: not running */
 	WorkerState state;
 	TimestampTz state_since;
+	TimestampTz paused_until;	/* end of a pause; 0: none */
 	int			in_flight;
 	TimestampTz last_success;	/* 0: none since the server started */
 	TimestampTz last_error;
@@ -314,16 +327,21 @@ taptalk_worker_wake(void)
 		SetLatch(latch);
 }
 
+static TimestampTz pause_end(WorkerState state);
+
 /* Report a new state (and how many requests are in flight). */
 static void
 set_state(WorkerState state, int in_flight)
 {
+	TimestampTz until = pause_end(state);
+
 	if (shared == NULL)
 		return;
 	SpinLockAcquire(&shared->mutex);
 	if (shared->state != state)
 		shared->state_since = GetCurrentTimestamp();
 	shared->state = state;
+	shared->paused_until = until;
 	shared->in_flight = in_flight;
 	SpinLockRelease(&shared->mutex);
 }
@@ -367,14 +385,15 @@ taptalk_worker_status(PG_FUNCTION_ARGS)
 {
 	TupleDesc	desc;
 	WorkerShared copy;
-	Datum		values[8];
-	bool		nulls[8] = {0};
+	Datum		values[9];
+	bool		nulls[9] = {0};
 
 	if (shared == NULL)
 		taptalk_require_preload("The background worker runs only when the library is loaded at server start.");
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
-	if (desc->natts != lengthof(values))
+	/* version 1.1 of the extension has no paused_until */
+	if (desc->natts != lengthof(values) && desc->natts != lengthof(values) - 1)
 		elog(ERROR, "taptalk_worker_status: expected %d columns, found %d",
 			 (int) lengthof(values), desc->natts);
 
@@ -399,6 +418,8 @@ taptalk_worker_status(PG_FUNCTION_ARGS)
 		values[7] = CStringGetTextDatum(copy.last_error_code);
 	else
 		nulls[7] = true;
+	values[8] = TimestampTzGetDatum(copy.paused_until);
+	nulls[8] = copy.pid == 0 || copy.paused_until == 0;
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc),
 													  values, nulls)));
@@ -406,7 +427,8 @@ taptalk_worker_status(PG_FUNCTION_ARGS)
 
 /*
  * Whether a failure may be cured by a later attempt: no answer in time, no
- * connection, HTTP 429 or 5xx without TapTalk's envelope.
+ * connection, HTTP 429 or 5xx.  The status decides, whatever the body: with
+ * TapTalk's envelope too.
  */
 static bool
 retryable(const TaptalkResult *result)
@@ -416,9 +438,14 @@ retryable(const TaptalkResult *result)
 	if (strcmp(result->error_code, TAPTALK_CODE_TIMEOUT) == 0 ||
 		strcmp(result->error_code, TAPTALK_CODE_CONNECTION_FAILED) == 0)
 		return true;
-	if (strcmp(result->error_code, TAPTALK_CODE_HTTP_ERROR) != 0)
-		return false;
 	return result->http_status == 429 || result->http_status >= 500;
+}
+
+/* Whether TapTalk answered a request with its rate limit (HTTP 429). */
+static bool
+rate_limited(const TaptalkResult *result)
+{
+	return result->error_code != NULL && result->http_status == 429;
 }
 
 /*
@@ -474,11 +501,14 @@ outage_pause_left(void)
 	return secs * 1000 + usecs / 1000 + 1;
 }
 
-/* A sent request's outcome: what it says about TapTalk's reachability. */
+/*
+ * A sent request's outcome: what it says about TapTalk's reachability.  A
+ * 429 is an answer: TapTalk is there, and asks to wait (ratelimit_note).
+ */
 static void
 outage_note(const TaptalkResult *result)
 {
-	if (!retryable(result))
+	if (!retryable(result) || rate_limited(result))
 	{
 		/* TapTalk answered */
 		if (in_outage())
@@ -501,6 +531,96 @@ outage_note(const TaptalkResult *result)
 	outage_pauses++;
 }
 
+/*
+ * TapTalk's rate limit, which belongs to the key, not to one request: after
+ * a 429, nothing is sent until ratelimit_until; then at most
+ * ratelimit_window requests are in flight, one more for each answer that is
+ * not a 429 (TCP's slow start: the window doubles each round trip), until
+ * it reaches taptalk.worker_concurrency (0: no limit).
+ */
+static TimestampTz ratelimit_until = 0;
+static int	ratelimit_window = 0;
+static int	ratelimit_guesses = 0;	/* pauses in a row without Retry-After */
+static TimestampTz ratelimit_logged = 0;
+
+/* The rest of the current rate limit pause in ms, 0 when there is none. */
+static long
+ratelimit_left(void)
+{
+	long		secs;
+	int			usecs;
+
+	if (ratelimit_until <= GetCurrentTimestamp())
+		return 0;
+	TimestampDifference(GetCurrentTimestamp(), ratelimit_until, &secs, &usecs);
+	return secs * 1000 + usecs / 1000 + 1;
+}
+
+/* A sent request's outcome: what it says about TapTalk's rate limit. */
+static void
+ratelimit_note(const TaptalkResult *result)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz until;
+	int64		wait_ms;
+
+	if (!rate_limited(result))
+	{
+		if (result->http_status == 0)
+			return;				/* no answer: says nothing about the rate */
+		ratelimit_guesses = 0;
+		if (ratelimit_window > 0 &&
+			++ratelimit_window >= taptalk_worker_concurrency)
+			ratelimit_window = 0;
+		return;
+	}
+
+	ratelimit_window = 1;
+	if (result->retry_after_ms > 0)
+		wait_ms = Min(result->retry_after_ms, (int64) RATELIMIT_MAX_MS);
+	else if (ratelimit_until > now)
+		return;					/* an answer to a request sent before the
+								 * pause: the pause stands */
+	else
+	{
+		wait_ms = Min((int64) RATELIMIT_BASE_MS << Min(ratelimit_guesses, 10),
+					  (int64) RATELIMIT_GUESS_MAX_MS);
+		ratelimit_guesses++;
+	}
+	until = TimestampTzPlusMilliseconds(now, wait_ms);
+	if (until <= ratelimit_until)
+		return;
+	if (ratelimit_until <= now &&
+		TimestampDifferenceExceeds(ratelimit_logged, now, RATELIMIT_LOG_MS))
+	{
+		ereport(LOG,
+				(errmsg("taptalk worker: TapTalk's rate limit was reached; sending pauses for %lld ms",
+						(long long) wait_ms),
+				 errdetail("Sending resumes one request at a time, then more as TapTalk accepts them."),
+				 errhint("Further pauses in the next minute are not logged; the view \"taptalk_worker\" shows them.")));
+		ratelimit_logged = now;
+	}
+	ratelimit_until = until;
+}
+
+/* When the pause a state waits out ends: 0 for none, or a state that is not one. */
+static TimestampTz
+pause_end(WorkerState state)
+{
+	if (state == WORKER_RATE_LIMITED && ratelimit_left() > 0)
+		return ratelimit_until;
+	if (state == WORKER_BACKING_OFF && outage_pause_left() > 0)
+		return outage_until;
+	return 0;
+}
+
+/* The state of a run: sending, or rate limited while the last ones finish. */
+static WorkerState
+sending_state(void)
+{
+	return ratelimit_left() > 0 ? WORKER_RATE_LIMITED : WORKER_SENDING;
+}
+
 /* Apply a reload of the configuration file; TapTalk may be elsewhere now. */
 static void
 reload_config(void)
@@ -508,6 +628,10 @@ reload_config(void)
 	ConfigReloadPending = false;
 	ProcessConfigFile(PGC_SIGHUP);
 	outage_reset();
+	/* the key may be another now, with its own quota: try one request */
+	if (ratelimit_left() > 0)
+		ratelimit_window = 1;
+	ratelimit_until = 0;
 }
 
 /* Wait on the latch for at most `ms`; wakes on SIGTERM and SIGHUP too. */
@@ -532,7 +656,7 @@ wait_out_pause(void)
 {
 	long		left;
 
-	while ((left = outage_pause_left()) > 0)
+	while ((left = Max(outage_pause_left(), ratelimit_left())) > 0)
 		worker_wait(left);
 }
 
@@ -659,8 +783,8 @@ static void
 prepare_plans(Oid table_oid, const char *table)
 {
 	Oid			claim_types[6];
-	Oid			record_types[7] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
-	TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID};
+	Oid			record_types[8] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+	TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID, INT4ARRAYOID};
 	Oid			error_types[2] = {INT8OID, TEXTOID};
 	Oid			stranded_types[4] = {BOOLOID, INT4OID, INT4OID, INT4OID};
 
@@ -707,8 +831,13 @@ prepare_plans(Oid table_oid, const char *table)
 	taptalk_claim_types(claim_types);
 	plans.claim = keep_plan(taptalk_claim_sql(table), 6, claim_types);
 	plans.suspect = keep_plan(taptalk_claim_suspect_sql(table), 1, &claim_types[1]);
-	/* the outcomes of a step, as arrays: one statement for all */
+	/*
+	 * The outcomes of a step, as arrays: one statement for all.  refund
+	 * gives back the attempt that the claim counted (a 429: rate limiting is
+	 * not the request's doing).
+	 */
 	plans.record = keep_plan(psprintf("UPDATE %s q SET state = o.state, lease_until = NULL,"
+									  " attempts = q.attempts - o.refund,"
 									  " user_id = o.user_id, error_code = o.error_code,"
 									  " error_field = o.error_field, error_message = o.error_message,"
 									  " next_attempt_at = CASE WHEN o.state = 'queued'"
@@ -718,12 +847,12 @@ prepare_plans(Oid table_oid, const char *table)
 									  "  ELSE pg_catalog.clock_timestamp() END"
 									  " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
 									  "  pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5),"
-									  "  pg_catalog.unnest($6), pg_catalog.unnest($7))"
-									  "  AS o(id, state, user_id, error_code, error_field, error_message, backoff)"
+									  "  pg_catalog.unnest($6), pg_catalog.unnest($7), pg_catalog.unnest($8))"
+									  "  AS o(id, state, user_id, error_code, error_field, error_message, backoff, refund)"
 									  " WHERE q.id = o.id AND q.state = 'sending'"
 									  " RETURNING q.id",
 									  table),
-							 7, record_types);
+							 8, record_types);
 	plans.callback_error = keep_plan(psprintf("UPDATE %s SET callback_error = $2 WHERE id = $1",
 											  table),
 									 2, error_types);
@@ -773,6 +902,7 @@ copy_result_to(MemoryContext cxt, TaptalkResult *dst, const TaptalkResult *src)
 	dst->error_field = src->error_field ? pstrdup(src->error_field) : NULL;
 	dst->error_message = src->error_message ? pstrdup(src->error_message) : NULL;
 	dst->http_status = src->http_status;
+	dst->retry_after_ms = src->retry_after_ms;
 	MemoryContextSwitchTo(old);
 }
 
@@ -972,6 +1102,17 @@ claim(Pipeline *p)
 		}
 	}
 
+	/* TapTalk's rate limit: nothing during a pause, then a growing window */
+	if (ratelimit_left() > 0)
+		want = 0;
+	else if (ratelimit_window > 0)
+		want = Min(want, Max(ratelimit_window - p->in_flight - p->nclaimed, 0));
+	if (want == 0)
+	{
+		p->drained = true;
+		return;
+	}
+
 	/*
 	 * A request the worker stopped while sending goes alone: claimed only
 	 * when nothing else is out, and nothing else is claimed until it and
@@ -1098,6 +1239,9 @@ final_state(const QueueItem *item)
 {
 	if (item->result.error_code == NULL)
 		return "succeeded";
+	/* a 429 does not count as an attempt (record_items gives it back) */
+	if (rate_limited(&item->result))
+		return "queued";
 	if (retryable(&item->result) && item->attempts < taptalk_max_attempts)
 		return "queued";
 	return "failed";
@@ -1112,6 +1256,25 @@ runs_callback(const QueueItem *item)
 }
 
 /*
+ * How long a request waits before its next attempt: until TapTalk's rate
+ * limit pause ends after a 429, at least the Retry-After of a 503 (at most
+ * RATELIMIT_MAX_MS), else the exponential backoff of its attempts.
+ */
+static double
+retry_delay_ms(const QueueItem *item)
+{
+	double		delay;
+
+	if (rate_limited(&item->result))
+		return (double) ratelimit_left();
+	delay = backoff_ms(item->attempts, BACKOFF_MAX_MS);
+	if (item->result.retry_after_ms > 0)
+		delay = Max(delay, (double) Min(item->result.retry_after_ms,
+										(int64) RATELIMIT_MAX_MS));
+	return delay;
+}
+
+/*
  * Record the outcomes of the n finished items `which`, in one statement.
  * Sets recorded[k] for those the statement updated (the others are no
  * longer the worker's: their lease expired and someone else has them).
@@ -1119,16 +1282,16 @@ runs_callback(const QueueItem *item)
 static void
 record_items(Pipeline *p, const int *which, int n, bool *recorded)
 {
-	Datum	   *cols[7];
-	bool	   *colnulls[7];
-	Oid			types[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-	FLOAT8OID};
-	Datum		args[7];
+	Datum	   *cols[8];
+	bool	   *colnulls[8];
+	Oid			types[8] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	FLOAT8OID, INT4OID};
+	Datum		args[8];
 	TimestampTz last_success = 0;
 	TimestampTz last_error = 0;
 	const char *last_error_code = NULL;
 
-	for (int c = 0; c < 7; c++)
+	for (int c = 0; c < 8; c++)
 	{
 		cols[c] = palloc(sizeof(Datum) * n);
 		colnulls[c] = palloc0(sizeof(bool) * n);
@@ -1152,9 +1315,10 @@ record_items(Pipeline *p, const int *which, int n, bool *recorded)
 		text_elem(item->result.error_code, &cols[3][f], &colnulls[3][f]);
 		text_elem(item->result.error_field, &cols[4][f], &colnulls[4][f]);
 		text_elem(item->result.error_message, &cols[5][f], &colnulls[5][f]);
-		cols[6][f] = Float8GetDatum(backoff_ms(item->attempts, BACKOFF_MAX_MS));
+		cols[6][f] = Float8GetDatum(retry_delay_ms(item));
+		cols[7][f] = Int32GetDatum(rate_limited(&item->result) ? 1 : 0);
 	}
-	for (int c = 0; c < 7; c++)
+	for (int c = 0; c < 8; c++)
 		args[c] = datum_array(cols[c], colnulls[c], n, types[c]);
 
 	spi_check(execute_indexed(plans.record, args), SPI_OK_UPDATE_RETURNING);
@@ -1578,7 +1742,7 @@ pipeline_next(void *arg, int64 *id, StringInfo body)
 			{
 				*id = i;
 				p->in_flight++;
-				set_state(WORKER_SENDING, p->in_flight);
+				set_state(sending_state(), p->in_flight);
 				return TAPTALK_NEXT_REQUEST;
 			}
 			taptalk_stats_rejected(TAPTALK_PATH_QUEUE);
@@ -1589,8 +1753,12 @@ pipeline_next(void *arg, int64 *id, StringInfo body)
 		/* a reload is applied between runs: end this one */
 		if (ConfigReloadPending)
 			p->stop = true;
-		/* an enqueuing commit: claim again, unless TapTalk is out of reach */
+		/*
+		 * an enqueuing commit: claim again, unless TapTalk is out of reach
+		 * or its rate limit holds sending back
+		 */
 		if (p->drained && shared != NULL && !in_outage() &&
+			ratelimit_left() == 0 &&
 			pg_atomic_read_u32(&shared->wake_pending) != 0)
 			p->drained = false;
 		if (p->nfinished > 0 || (!p->drained && !p->stop))
@@ -1609,8 +1777,9 @@ pipeline_done(void *arg, int64 id, TaptalkResult *result)
 	Pipeline   *p = (Pipeline *) arg;
 
 	p->in_flight--;
-	set_state(WORKER_SENDING, p->in_flight);
 	outage_note(result);
+	ratelimit_note(result);
+	set_state(sending_state(), p->in_flight);
 	finish_item(p, (int) id, result);
 }
 
@@ -1702,8 +1871,11 @@ taptalk_worker_main(Datum main_arg)
 
 		if (pipeline.nclaimed == 0)
 		{
-			set_state(pipeline.waiting_retry ? WORKER_BACKING_OFF : WORKER_IDLE, 0);
-			if (outage_pause_left() > 0)
+			if (ratelimit_left() > 0)
+				set_state(WORKER_RATE_LIMITED, 0);
+			else
+				set_state(pipeline.waiting_retry ? WORKER_BACKING_OFF : WORKER_IDLE, 0);
+			if (outage_pause_left() > 0 || ratelimit_left() > 0)
 				wait_out_pause();
 			else
 				worker_wait(pipeline.wait_ms);

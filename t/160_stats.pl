@@ -1,9 +1,11 @@
 # t/160_stats.pl: the statistics views under concurrency, across the upgrade
 # from 1.0, across a clean restart and across a crash restart.
 #
-# - ALTER EXTENSION taptalk UPDATE TO '1.1' from 1.0 gives the same objects
+# - ALTER EXTENSION taptalk UPDATE TO '1.1' then '1.2' from 1.0, and to 1.2
+#   from 1.1, give the same objects
 #   and privileges as CREATE EXTENSION taptalk (which installs 1.0 and runs
-#   the same upgrade script).
+#   the same update scripts); the new library reads the worker's state
+#   through version 1.1's function too.
 # - pgbench, 8 clients, each with its own mix of calls: the counters of all
 #   sessions add up exactly to what was called, and to what the mock saw.
 # - A clean restart: on PostgreSQL 18 the counters and stats_reset are kept
@@ -81,12 +83,14 @@ WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
            AND objid IN (SELECT oid FROM pg_type WHERE typcategory = 'A'))) s};
 my $acls = q{
 SELECT string_agg(n || ' ' || coalesce(a, '-'), ', ' ORDER BY n) FROM (
-	SELECT proname AS n, proacl::text AS a FROM pg_proc WHERE proname LIKE 'taptalk_stats%'
+	SELECT proname AS n, proacl::text AS a FROM pg_proc
+	WHERE proname LIKE 'taptalk_stats%' OR proname = 'taptalk_worker_status'
 	UNION ALL
-	SELECT relname, relacl::text FROM pg_class WHERE relname LIKE 'taptalk_stats%') s};
+	SELECT relname, relacl::text FROM pg_class
+	WHERE relname LIKE 'taptalk_stats%' OR relname = 'taptalk_worker') s};
 
 is(q1("SELECT extversion FROM pg_extension WHERE extname = 'taptalk'"),
-	'1.1', 'CREATE EXTENSION installs 1.1');
+	'1.2', 'CREATE EXTENSION installs 1.2');
 q1('CREATE DATABASE upgrade');
 q1("CREATE EXTENSION taptalk VERSION '1.0'", 'upgrade');
 is(q1("SELECT count(*) FROM pg_proc WHERE proname LIKE 'taptalk_stats%'", 'upgrade'),
@@ -94,12 +98,29 @@ is(q1("SELECT count(*) FROM pg_proc WHERE proname LIKE 'taptalk_stats%'", 'upgra
 q1("ALTER EXTENSION taptalk UPDATE TO '1.1'", 'upgrade');
 is(q1("SELECT extversion FROM pg_extension WHERE extname = 'taptalk'", 'upgrade'),
 	'1.1', 'ALTER EXTENSION UPDATE reaches 1.1');
-is(q1($members, 'upgrade'), q1($members),
-	'the upgraded extension has the same members as a new one');
-is(q1($acls, 'upgrade'), q1($acls),
-	'and the same privileges on the statistics');
-is(q1('SELECT count(*) FROM taptalk_stats', 'upgrade'),
-	3, 'its views read the same statistics');
+# the library serves version 1.1's taptalk_worker_status() too, until the
+# update to 1.2
+is(q1("SELECT state IS NOT NULL FROM taptalk_worker", 'upgrade'),
+	't', 'version 1.1 reads the worker with the new library');
+q1("ALTER EXTENSION taptalk UPDATE TO '1.2'", 'upgrade');
+is(q1("SELECT extversion FROM pg_extension WHERE extname = 'taptalk'", 'upgrade'),
+	'1.2', 'ALTER EXTENSION UPDATE reaches 1.2 from 1.1');
+q1('CREATE DATABASE upgrade11');
+q1("CREATE EXTENSION taptalk VERSION '1.1'", 'upgrade11');
+q1("ALTER EXTENSION taptalk UPDATE", 'upgrade11');
+is(q1("SELECT extversion FROM pg_extension WHERE extname = 'taptalk'", 'upgrade11'),
+	'1.2', 'ALTER EXTENSION UPDATE reaches 1.2 from a new 1.1');
+for my $db ('upgrade', 'upgrade11')
+{
+	is(q1($members, $db), q1($members),
+		"$db: the updated extension has the same members as a new one");
+	is(q1($acls, $db), q1($acls),
+		"$db: and the same privileges on the statistics and the worker");
+	is(q1('SELECT count(*) FROM taptalk_stats', $db),
+		3, "$db: its views read the same statistics");
+	is(q1('SELECT paused_until IS NULL, count(*) FROM taptalk_worker GROUP BY 1', $db),
+		't|1', "$db: taptalk_worker has paused_until");
+}
 # the tables as \d shows them: columns, defaults, indexes, constraints, views
 my $tables = q{SELECT string_agg(d, E'\n' ORDER BY d) FROM (
 	SELECT format('%s.%s %s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
@@ -115,6 +136,14 @@ my $tables = q{SELECT string_agg(d, E'\n' ORDER BY d) FROM (
 	WHERE c.relkind = 'v' AND c.relname LIKE 'taptalk%') s};
 is(q1($tables, 'upgrade'), q1($tables),
 	'and the same tables, columns, defaults, indexes, constraints and views');
+is(q1($tables, 'upgrade11'), q1($tables),
+	'upgrade11: the same tables, columns, defaults, indexes, constraints and views');
+# and the same function signatures (the OUT columns of taptalk_worker_status)
+my $functions = q{SELECT string_agg(p.proname || '(' || pg_get_function_arguments(p.oid)
+	|| ') ' || pg_get_function_result(p.oid), E'\n' ORDER BY 1)
+	FROM pg_proc p WHERE proname LIKE 'taptalk%'};
+is(q1($functions, 'upgrade'), q1($functions), 'upgrade: the same functions');
+is(q1($functions, 'upgrade11'), q1($functions), 'upgrade11: the same functions');
 unlike(q1($tables), qr/ reg(proc|procedure|oper|operator|config|dictionary|namespace|collation) /,
 	'no column of a type pg_upgrade refuses');
 

@@ -15,6 +15,7 @@ failed.  The mock process is stopped (SIGTERM) before exiting.
 """
 
 import base64
+import email.utils
 import http.client
 import json
 import os
@@ -709,6 +710,27 @@ def run_checks(port, port2, tls_port, cert, log, tmp):
             for _ in range(3)]
     check("fault-flakyreset-2 -> rst,rst,data", outs == ["rst", "rst",
                                                          "data"], outs)
+    seq = [post(port, user("fault-answer-429-env-1-2-tokD"))
+           for _ in range(3)]
+    check("fault-answer-429-env-1-2 -> 429,429,200 with Retry-After 1 and "
+          "the envelope 42900",
+          [r.status for r in seq] == [429, 429, 200]
+          and seq[0].h("retry-after") == "1"
+          and json.loads(seq[0].body)["error"]["code"] == "42900"
+          and json.loads(seq[0].body)["error"]["message"]
+          == "Too many requests", [(r.status, r.body) for r in seq])
+    r = post(port, user("fault-answer-503-text-date5-1-tokE"))
+    check("fault-answer-503-text-date5: an HTTP-date about 5 s ahead",
+          r.status == 503 and r.body == b"status 503" and 3 <= (
+              email.utils.parsedate_to_datetime(r.h("retry-after"))
+              .timestamp() - time.time()) <= 6, r)
+    r = post(port, user("fault-answer-429-empty-neg5-1-tokF"))
+    check("fault-answer-429-empty-neg5: no body, Retry-After -5",
+          r.status == 429 and r.body == b"" and r.h("retry-after") == "-5", r)
+    seq = [post(port, user("fault-quota-2-grpA-%d" % i)).status
+           for i in range(4)]
+    check("fault-quota-2: at most 2 of a group per second succeed",
+          seq.count(429) >= 1 and seq[0] == 200, seq)
     r = post(port, user("fault-envelope-field"))
     check("fault-envelope-field", r.status == 400 and r.body ==
           env_bytes(400, "40002", "Param 'email' is invalid", "107"), r)

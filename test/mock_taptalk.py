@@ -59,11 +59,14 @@ Log format (one compact JSON object per line, ASCII only)
    "path":"/v1/server/auth_ticket/request",
    "headers":[["Host","127.0.0.1:58480"],["Server-Key","..."],...],
    "body":"<body as UTF-8, errors replaced>","body_b64":"<exact bytes>",
-   "body_is_json":true|false}
+   "body_is_json":true|false,"t":T}
       for every complete request (except GET /_mock/stats), written before
       the response is sent.  S counts from 1; headers keep the received
       order and name spelling ("path" is the request target as sent);
-      body_is_json is true when the body is strict UTF-8 and valid JSON.
+      body_is_json is true when the body is strict UTF-8 and valid JSON;
+      T is when it was read, in seconds since the epoch.
+  {"event":"ratelimited","port":P,"group":G,"t":T}
+      for each request that fault-quota-* answers with 429.
 
 Control endpoint
 ----------------
@@ -135,6 +138,24 @@ API contract
                                 text/plain "service unavailable", later ones
                                 succeed
      fault-flakyreset-<n>-<token>  same, but the first n are TCP RSTs
+     fault-quota-<n>-<group>-<id>
+                                a rate limit: at most n requests of <group>
+                                per calendar second succeed, the others
+                                answer 429, "Retry-After: 1" and TapTalk's
+                                envelope "42900" "Too many requests", and
+                                the log gets {"event":"ratelimited",
+                                "port":P,"group":G,"t":T}
+     fault-answer-<status>-<body>-<after>-<n>-<token>
+                                the first n requests for <token> answer
+                                <status> (400..599), later ones succeed.
+                                <body>: env (TapTalk's envelope, code
+                                <status>00, message the status's reason,
+                                429: "42900" "Too many requests"), text
+                                (text/plain "status <status>") or empty.
+                                <after>, the Retry-After header: none (no
+                                header), <s> (delta-seconds, any digits),
+                                date<s> (an HTTP-date <s> s from now),
+                                neg<s> ("-<s>") or junk ("soon")
      fault-envelope-field       400 envelope "40002" "Param 'email' is
                                 invalid" field "107"
      fault-interim-<code>       the interim answer "HTTP/1.1 <code> <reason>"
@@ -203,6 +224,7 @@ API contract
 
 import argparse
 import base64
+import email.utils
 import json
 import os
 import signal
@@ -395,6 +417,7 @@ class State:
         self.counter_lock = threading.Lock()
         self.failevery = {}
         self.flaky = {}
+        self.quota = {}
         fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                      | os.O_APPEND, 0o644)
         try:
@@ -438,8 +461,26 @@ class State:
                 "method": req.method, "path": req.target,
                 "headers": [[k, v] for k, v in req.headers],
                 "body": text, "body_b64": b64, "body_is_json": is_json,
+                "t": time.time(),
             })
         return seq
+
+    def log_ratelimited(self, port, group):
+        with self.log_lock:
+            self._write_line({"event": "ratelimited", "port": port,
+                              "group": group, "t": time.time()})
+
+    def quota_take(self, group, per_second):
+        """Whether a request of group fits in its quota of the current
+        second (per_second requests per calendar second)."""
+        second = int(time.time())
+        with self.counter_lock:
+            sec, n = self.quota.get(group, (second, 0))
+            if sec != second:
+                sec, n = second, 0
+            n += 1
+            self.quota[group] = (sec, n)
+            return n <= per_second
 
     def stats(self):
         with self.log_lock:
@@ -933,6 +974,20 @@ class Connection:
                     if kind == "flaky":
                         return self.text(req, 503, SERVICE_UNAVAILABLE)
                     return self.reset()
+        elif f.startswith("quota-"):
+            n_txt, sep, rest = f[len("quota-"):].partition("-")
+            group = rest.partition("-")[0]
+            n = parse_uint(n_txt)
+            if sep and group and n is not None and not st.quota_take(group, n):
+                st.log_ratelimited(self.port, group)
+                return self.respond(req, 429, "application/json",
+                                    envelope(429, "42900",
+                                             "Too many requests", ""),
+                                    (("Retry-After", "1"),))
+        elif f.startswith("answer-"):
+            answer = self.counted_answer(req, f[len("answer-"):])
+            if answer is not None:
+                return answer
         elif f == "envelope-field":
             return self.env_error(req, 400, "40002",
                                   "Param 'email' is invalid", "107")
@@ -952,6 +1007,43 @@ class Connection:
             if answer is not None:
                 return self.json_resp(req, answer[0], answer[1])
         return self.json_resp(req, 200, success_body(x))
+
+    def counted_answer(self, req, spec):
+        """fault-answer-<status>-<body>-<after>-<n>-<token>: the answer of
+        one of the first n requests for token, or None (the success)."""
+        parts = spec.split("-", 4)
+        if len(parts) != 5:
+            return None
+        status = parse_uint(parts[0], 3)
+        body, after, n = parts[1], parts[2], parse_uint(parts[3])
+        if (status is None or not 400 <= status <= 599 or n is None
+                or body not in ("env", "text", "empty")):
+            return None
+        if self.state.bump(self.state.flaky, ("answer", spec)) > n:
+            return None
+        extra = []
+        if after.isascii() and after.isdigit():
+            extra.append(("Retry-After", after))
+        elif after.startswith("date") and parse_uint(after[4:]) is not None:
+            when = time.time() + parse_uint(after[4:])
+            extra.append(("Retry-After",
+                          email.utils.formatdate(when, usegmt=True)))
+        elif after.startswith("neg") and parse_uint(after[3:]) is not None:
+            extra.append(("Retry-After", "-" + after[3:]))
+        elif after == "junk":
+            extra.append(("Retry-After", "soon"))
+        elif after != "none":
+            return None
+        if body == "env":
+            return self.respond(req, status, "application/json",
+                                envelope(status, "%d00" % status,
+                                         "Too many requests" if status == 429
+                                         else reason(status), ""), extra)
+        if body == "text":
+            return self.respond(req, status, "text/plain; charset=utf-8",
+                                ("status %d" % status).encode("ascii"),
+                                extra)
+        return self.respond(req, status, None, b"", extra)
 
     def huge(self, req, mib, chunked=False, status=200):
         total = mib * 1048576
