@@ -45,6 +45,10 @@
 
 int			taptalk_callback_timeout_ms = 5000;
 
+/* the callback last resolved in the current transaction */
+static char *resolved_name = NULL;
+static Oid	resolved_oid = InvalidOid;
+
 void
 taptalk_callback_init(void)
 {
@@ -143,10 +147,19 @@ check_deferred(void)
 static void
 close_cursors(void)
 {
+	static SPIPlanPtr plan = NULL;
 	uint64		n;
 	char	  **names;
 
-	if (SPI_execute("SELECT name FROM pg_catalog.pg_cursors", true, 0) != SPI_OK_SELECT)
+	if (plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare("SELECT name FROM pg_catalog.pg_cursors", 0, NULL);
+
+		if (p == NULL || SPI_keepplan(p) != 0)
+			elog(ERROR, "could not prepare the listing of open cursors");
+		plan = p;
+	}
+	if (SPI_execute_plan(plan, NULL, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not list the open cursors");
 	n = SPI_processed;
 	if (n == 0)
@@ -175,6 +188,10 @@ resolve(const char *callback)
 	LOCAL_FCINFO(fcinfo, 1);
 	Datum		proc;
 
+	/* looked up once per transaction: parsing the signature is not cheap */
+	if (resolved_name != NULL && strcmp(resolved_name, callback) == 0)
+		return resolved_oid;
+
 	InitFunctionCallInfoData(*fcinfo, NULL, 1, InvalidOid, NULL, NULL);
 	fcinfo->args[0].value = CStringGetTextDatum(callback);
 	fcinfo->args[0].isnull = false;
@@ -184,7 +201,24 @@ resolve(const char *callback)
 				(errcode(ERRCODE_UNDEFINED_FUNCTION),
 				 errmsg("callback function %s does not exist", callback),
 				 errdetail("The function, or its schema, was dropped or renamed after the request was enqueued.")));
-	return DatumGetObjectId(proc);
+	if (resolved_name != NULL)
+		pfree(resolved_name);
+	resolved_name = MemoryContextStrdup(TopMemoryContext, callback);
+	resolved_oid = DatumGetObjectId(proc);
+	return resolved_oid;
+}
+
+/*
+ * Forget the callback last looked up: called when a transaction that runs
+ * callbacks starts (the function may have been dropped or renamed since).
+ */
+void
+taptalk_callback_new_transaction(void)
+{
+	if (resolved_name != NULL)
+		pfree(resolved_name);
+	resolved_name = NULL;
+	resolved_oid = InvalidOid;
 }
 
 /*

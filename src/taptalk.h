@@ -220,6 +220,7 @@ extern void taptalk_queue_call_callback(Oid callback, int64 id,
 /* callback.c */
 extern int	taptalk_callback_timeout_ms;
 extern void taptalk_callback_init(void);
+extern void taptalk_callback_new_transaction(void);
 extern char *taptalk_run_callback(const char *callback, Oid role, int64 id,
 								  Jsonb *request, const TaptalkResult *result,
 								  Oid result_type);

@@ -1483,6 +1483,9 @@ abort_step(void)
 						   in_run ? "sending queued requests" : NULL);
 }
 
+static int	take_role_group(Pipeline *p, int *group);
+static void record_and_call(Pipeline *p, const int *which, int n);
+
 /*
  * The body of a step (pipeline_step): record the outcomes whose callbacks
  * do not run, claim due requests for the free items, commit.  Returns false
@@ -1527,6 +1530,22 @@ step(Pipeline *p, bool first, bool want_claim)
 		record_finished(p);
 		wrote = true;
 	}
+
+	/*
+	 * The callbacks of one role (the first to finish) run in this
+	 * transaction, before the claim, so that their requests' items are free
+	 * for it; other roles' in transactions of their own, after it.
+	 */
+	if (p->nfinished > 0)
+	{
+		int		   *group = palloc(sizeof(int) * p->nfinished);
+		int			n = take_role_group(p, group);
+
+		taptalk_callback_new_transaction();
+		record_and_call(p, group, n);
+		for (int f = 0; f < n; f++)
+			release_item(p, group[f]);
+	}
 	if (want_claim && p->nfree > 0)
 	{
 		claim(p);
@@ -1540,6 +1559,30 @@ step(Pipeline *p, bool first, bool want_claim)
 }
 
 /*
+ * The requests of p->finished whose role is that of the first: moved to
+ * `group` (returns how many), in the order they finished.
+ */
+static int
+take_role_group(Pipeline *p, int *group)
+{
+	Oid			role = p->items[p->finished[0]].role;
+	int			n = 0;
+	int			kept = 0;
+
+	for (int f = 0; f < p->nfinished; f++)
+	{
+		int			i = p->finished[f];
+
+		if (p->items[i].role == role)
+			group[n++] = i;
+		else
+			p->finished[kept++] = i;
+	}
+	p->nfinished = kept;
+	return n;
+}
+
+/*
  * Record the outcomes of n finished requests of one role (`which`) and run
  * their callbacks, in a transaction of their own: each callback's writes
  * and its request's outcome commit together, and nothing a callback leaves
@@ -1548,13 +1591,10 @@ step(Pipeline *p, bool first, bool want_claim)
  * again.
  */
 static void
-callback_step(Pipeline *p, const int *which, int n)
+record_and_call(Pipeline *p, const int *which, int n)
 {
 	bool	   *recorded = palloc(sizeof(bool) * n);
 
-	begin_step("running requests' callbacks");
-	(void) set_config_option("synchronous_commit", "off", PGC_SUSET,
-							 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
 	record_items(p, which, n, recorded);
 	for (int f = 0; f < n; f++)
 	{
@@ -1569,6 +1609,16 @@ callback_step(Pipeline *p, const int *which, int n)
 		if (error != NULL)
 			set_callback_error(item->id, error);
 	}
+}
+
+static void
+callback_step(Pipeline *p, const int *which, int n)
+{
+	begin_step("running requests' callbacks");
+	taptalk_callback_new_transaction();
+	(void) set_config_option("synchronous_commit", "off", PGC_SUSET,
+							 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
+	record_and_call(p, which, n);
 	/* the step that follows reports the writes to the statistics */
 	end_step(false);
 	report_committed();
@@ -1601,36 +1651,22 @@ guarded_callback_step(Pipeline *p, const int *which, int n)
 }
 
 /*
- * Run the callbacks of the finished requests in p->finished: a transaction
- * for each role's (callbacks of different roles never share one), in the
- * order the requests finished within each role.
+ * Run the callbacks of the finished requests still in p->finished: a
+ * transaction for each role's (callbacks of different roles never share
+ * one), in the order the requests finished within each role.
  */
 static void
 run_callbacks(Pipeline *p)
 {
 	int		   *group = palloc(sizeof(int) * Max(p->nfinished, 1));
-	bool	   *done = palloc0(sizeof(bool) * Max(p->nfinished, 1));
 
-	for (int f = 0; f < p->nfinished; f++)
+	while (p->nfinished > 0)
 	{
-		Oid			role = p->items[p->finished[f]].role;
-		int			n = 0;
+		int			n = take_role_group(p, group);
 
-		if (done[f])
-			continue;
-		for (int g = f; g < p->nfinished; g++)
-		{
-			if (!done[g] && p->items[p->finished[g]].role == role)
-			{
-				group[n++] = p->finished[g];
-				done[g] = true;
-			}
-		}
 		guarded_callback_step(p, group, n);
 	}
-	p->nfinished = 0;
 	pfree(group);
-	pfree(done);
 }
 
 /*
