@@ -174,7 +174,7 @@ $mock->scan_log(
 		my ($line) = @_;
 		return unless $line =~ /^\{"event":"request",/;
 		$n++;
-		if ($line !~ /"body_is_json":true\}$/)
+		if ($line !~ /"body_is_json":true[,}]/)
 		{
 			$bad++;
 			diag 'not JSON: ' . substr($line, 0, 300);

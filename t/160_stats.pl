@@ -82,7 +82,7 @@ WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
   AND NOT (classid = 'pg_type'::regclass
            AND objid IN (SELECT oid FROM pg_type WHERE typcategory = 'A'))) s};
 my $acls = q{
-SELECT string_agg(n || ' ' || coalesce(a, '-'), ', ' ORDER BY n) FROM (
+SELECT string_agg(n || ' ' || coalesce(a, '-'), ', ' ORDER BY n, a) FROM (
 	SELECT proname AS n, proacl::text AS a FROM pg_proc
 	WHERE proname LIKE 'taptalk_stats%' OR proname = 'taptalk_worker_status'
 	UNION ALL
