@@ -192,7 +192,10 @@ like($err, qr/"ftp:\/\/u:\*{8}\@127\.0\.0\.1"/,
 SET ROLE taptalk_app;
 SET taptalk.proxy = 'http://127.0.0.1:1';
 SHOW taptalk.proxy;});
-like($err, qr/permission denied to set parameter "taptalk.proxy".*permission denied to examine "taptalk.proxy"/s,
+# PostgreSQL 15 words the second refusal "must be superuser or have
+# privileges of pg_read_all_settings to examine", 16 and later "permission
+# denied to examine"
+like($err, qr/permission denied to set parameter "taptalk.proxy".*(?:permission denied|must be superuser or have privileges of pg_read_all_settings) to examine "taptalk.proxy"/s,
 	'a role that is not superuser can neither set nor read taptalk.proxy');
 
 # --- plain HTTP through the proxy: forwarded, tinyproxy's Via header
