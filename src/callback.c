@@ -222,10 +222,10 @@ taptalk_callback_new_transaction(void)
 }
 
 /*
- * Run the callback `callback` (its qualified signature) of request `id` with its outcome, as `role`,
- * in a subtransaction of the current transaction.  Returns NULL when it
- * succeeded, else its error message (with any ticket masked: the message
- * goes to the queue table).
+ * Run the callback `callback` (its qualified signature) of request `id`
+ * with its outcome, as `role`, in a subtransaction of the current
+ * transaction.  Returns NULL when it succeeded, else its error message
+ * (with any ticket masked: the message goes to the queue table).
  */
 char *
 taptalk_run_callback(const char *callback, Oid role, int64 id, Jsonb *request,
