@@ -102,40 +102,16 @@ my $old = TaptalkTest::node(
 	conf         => 'taptalk.max_attempts = 1');
 note 'old cluster: ' . $old->safe_psql('postgres', 'SELECT version()');
 
-my $cb_a = 'public.provisioned(bigint, jsonb, taptalk_auth_ticket_result)';
-my $cb_b = 'cbs.provisioned_b(bigint, jsonb, taptalk_auth_ticket_result)';
-my %role = (a => 'taptalk_app', b => 'taptalk_caller');
-my %callback = (a => $cb_a, b => $cb_b);
+my (%role, %callback);
 
 $old->safe_psql('postgres', 'CREATE DATABASE app');
 $old->safe_psql('app', 'CREATE EXTENSION taptalk');
 TaptalkTest::create_helpers($old, 'app');
-$old->safe_psql('app', qq{
-GRANT EXECUTE ON FUNCTION taptalk_enqueue(jsonb, regprocedure) TO taptalk_app, taptalk_caller;
-GRANT EXECUTE ON FUNCTION taptalk_requeue(bigint[]) TO taptalk_app, taptalk_caller;
-CREATE TABLE cb_calls (request_id bigint, xc text, who name, ticket_seen boolean, error_code text);
-GRANT INSERT ON cb_calls TO taptalk_app, taptalk_caller;
-CREATE FUNCTION provisioned(request_id bigint, request jsonb,
-							result taptalk_auth_ticket_result)
-RETURNS void LANGUAGE plpgsql AS \$\$
-BEGIN
-	INSERT INTO public.cb_calls
-	VALUES (request_id, request->>'xcUserID', current_user,
-			(result).ticket = 'ticket-' || (request->>'xcUserID'), (result).error_code);
-END \$\$;
-CREATE SCHEMA cbs;
-GRANT USAGE ON SCHEMA cbs TO taptalk_caller;
-CREATE FUNCTION cbs.provisioned_b(request_id bigint, request jsonb,
-								  result taptalk_auth_ticket_result)
-RETURNS void LANGUAGE plpgsql AS \$\$
-BEGIN
-	INSERT INTO public.cb_calls
-	VALUES (request_id, request->>'xcUserID', current_user,
-			(result).ticket = 'ticket-' || (request->>'xcUserID'), (result).error_code);
-END \$\$;
-REVOKE EXECUTE ON FUNCTION $cb_b FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION $cb_b TO taptalk_caller;
-});
+{
+	my ($r, $c) = TaptalkTest::create_role_callbacks($old, 'app');
+	%role = %$r;
+	%callback = %$c;
+}
 
 # as role $k (a or b): enqueue upg-$k-$kind-1..$n with the role's callback;
 # $invalid: without fullName
@@ -346,7 +322,7 @@ is( $new->safe_psql('app', q{SELECT string_agg(format('%s %s %s', xc, who,
 	'new: their callbacks ran again, as their roles');
 
 # ------------------------------------------------ a new request, the views
-my $new_id = $new->safe_psql('app', "SELECT taptalk_enqueue(req('upg-after-1'), '$cb_a')",
+my $new_id = $new->safe_psql('app', "SELECT taptalk_enqueue(req('upg-after-1'), '$callback{a}')",
 	extra_params => [ '-U', 'taptalk_app' ]);
 cmp_ok($new_id, '>', $max_old_id, 'new: a request enqueued now gets a fresh id');
 TaptalkTest::queue_drained($new, 'new: the new request', 'app');

@@ -31,39 +31,16 @@ use Test::More;
 my $mock = TaptalkTest::Mock->start;
 my $src = TaptalkTest::node('src', mock => $mock, extension => 0);
 
-my $cb_a = 'public.provisioned(bigint, jsonb, taptalk_auth_ticket_result)';
-my $cb_b = 'cbs.provisioned_b(bigint, jsonb, taptalk_auth_ticket_result)';
-my %role = (a => 'taptalk_app', b => 'taptalk_caller');
-my %callback = (a => $cb_a, b => $cb_b);
+my (%role, %callback);
 
 $src->safe_psql('postgres', 'CREATE DATABASE app');
 $src->safe_psql('app', 'CREATE EXTENSION taptalk');
 TaptalkTest::create_helpers($src, 'app');
-$src->safe_psql('app', qq{
-GRANT EXECUTE ON FUNCTION taptalk_enqueue(jsonb, regprocedure) TO taptalk_app, taptalk_caller;
-CREATE TABLE cb_calls (request_id bigint, xc text, who name, ticket_seen boolean, error_code text);
-GRANT INSERT ON cb_calls TO taptalk_app, taptalk_caller;
-CREATE FUNCTION provisioned(request_id bigint, request jsonb,
-							result taptalk_auth_ticket_result)
-RETURNS void LANGUAGE plpgsql AS \$\$
-BEGIN
-	INSERT INTO public.cb_calls
-	VALUES (request_id, request->>'xcUserID', current_user,
-			(result).ticket = 'ticket-' || (request->>'xcUserID'), (result).error_code);
-END \$\$;
-CREATE SCHEMA cbs;
-GRANT USAGE ON SCHEMA cbs TO taptalk_caller;
-CREATE FUNCTION cbs.provisioned_b(request_id bigint, request jsonb,
-								  result taptalk_auth_ticket_result)
-RETURNS void LANGUAGE plpgsql AS \$\$
-BEGIN
-	INSERT INTO public.cb_calls
-	VALUES (request_id, request->>'xcUserID', current_user,
-			(result).ticket = 'ticket-' || (request->>'xcUserID'), (result).error_code);
-END \$\$;
-REVOKE EXECUTE ON FUNCTION $cb_b FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION $cb_b TO taptalk_caller;
-});
+{
+	my ($r, $c) = TaptalkTest::create_role_callbacks($src, 'app');
+	%role = %$r;
+	%callback = %$c;
+}
 
 # as role $k (a or b): enqueue dr-$k-$kind-1..$n with the role's callback;
 # $invalid: without fullName

@@ -283,6 +283,48 @@ $$;
 
 =pod
 
+=item TaptalkTest::create_role_callbacks($node, $dbname)
+
+After create_helpers: lets C<taptalk_app> and C<taptalk_caller> enqueue and
+requeue, and gives each a callback of its own that writes
+(request_id, xcUserID, current_user, whether the ticket came, error_code)
+into the table C<cb_calls>: C<public.provisioned> for C<taptalk_app>,
+C<cbs.provisioned_b> (in a schema of its own, executable by
+C<taptalk_caller> only) for C<taptalk_caller>.  Returns
+C<(\%role, \%callback)>, each keyed C<a> and C<b>.
+
+=cut
+
+sub create_role_callbacks
+{
+	my ($node, $dbname) = @_;
+	my %role = (a => 'taptalk_app', b => 'taptalk_caller');
+	my %callback = (
+		a => 'public.provisioned(bigint, jsonb, taptalk_auth_ticket_result)',
+		b => 'cbs.provisioned_b(bigint, jsonb, taptalk_auth_ticket_result)');
+	my $body = q{(request_id bigint, request jsonb, result taptalk_auth_ticket_result)
+RETURNS void LANGUAGE sql AS $$
+	INSERT INTO public.cb_calls
+	VALUES (request_id, request->>'xcUserID', current_user,
+			(result).ticket = 'ticket-' || (request->>'xcUserID'), (result).error_code)
+$$;};
+	$node->safe_psql($dbname, qq{
+GRANT EXECUTE ON FUNCTION taptalk_enqueue(jsonb, regprocedure) TO taptalk_app, taptalk_caller;
+GRANT EXECUTE ON FUNCTION taptalk_requeue(bigint[]) TO taptalk_app, taptalk_caller;
+CREATE TABLE cb_calls (request_id bigint, xc text, who name, ticket_seen boolean, error_code text);
+GRANT INSERT ON cb_calls TO taptalk_app, taptalk_caller;
+CREATE FUNCTION public.provisioned$body
+CREATE SCHEMA cbs;
+GRANT USAGE ON SCHEMA cbs TO taptalk_caller;
+CREATE FUNCTION cbs.provisioned_b$body
+REVOKE EXECUTE ON FUNCTION $callback{b} FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION $callback{b} TO taptalk_caller;
+});
+	return (\%role, \%callback);
+}
+
+=pod
+
 =item TaptalkTest::create_memory_functions($node [, $dbname])
 
 Creates C<backend_memory()>, this backend's VmRSS, VmHWM (peak) and RssAnon
