@@ -348,8 +348,10 @@ SQL
 	pg -c "ALTER SYSTEM RESET taptalk.max_rate" >/dev/null
 	limits_reload
 	limits_wait_idle "$first" "$last"
-	qok=$(pg -v first="$first" -v last="$last" \
-		-c "SELECT count(*) FILTER (WHERE state = 'succeeded') FROM taptalk_queue WHERE id BETWEEN :first AND :last")
+	qok=$(pg -v first="$first" -v last="$last" <<'SQL'
+SELECT count(*) FILTER (WHERE state = 'succeeded') FROM taptalk_queue WHERE id BETWEEN :first AND :last;
+SQL
+)
 	sleep 0.3	# nginx logs just after answering
 	# arrivals (end minus duration) in the window: count, and the fewest
 	# and most in one of its seconds
