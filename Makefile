@@ -3,7 +3,7 @@
 MODULE_big = taptalk
 OBJS = src/taptalk.o src/secret.o src/request.o src/response.o src/transport.o \
 	src/stats.o src/queue.o src/worker.o src/encoding.o src/callback.o src/claim.o \
-	src/proxy.o
+	src/proxy.o src/ratelimit.o src/pacing.o
 
 EXTENSION = taptalk
 DATA = taptalk--1.0.sql taptalk--1.0--1.1.sql taptalk--1.1--1.2.sql

@@ -7,7 +7,7 @@ FROM pg_attribute
 WHERE attrelid IN ('taptalk_stats'::regclass, 'taptalk_stats_errors'::regclass,
                    'taptalk_stats_latency'::regclass)
   AND attnum > 0
-ORDER BY 1, 2;
+ORDER BY attrelid::regclass::text, attnum;
 
 -- a reset zeroes everything and sets stats_reset
 SELECT stats_reset AS before_reset FROM taptalk_stats WHERE path = 'single' \gset
@@ -179,6 +179,21 @@ RESET taptalk.track_stats;
 SELECT user_id FROM taptalk_auth_ticket(req('stats-on'));
 SELECT path, requests, attempts, successes FROM taptalk_stats WHERE path = 'single';
 SELECT taptalk_stats_reset() IS NOT NULL AS reset;
+
+-- TapTalk's rate limit: each 429 answer counts in rate_limited, in every
+-- path; rate_limit_wait_ms adds up the Retry-After waited (1 s here), not
+-- the backoff after a 429 without one
+SELECT taptalk_stats_reset() IS NOT NULL AS reset;
+SELECT user_id FROM taptalk_auth_ticket(req('fault-answer-429-env-1-1-stats-a'));
+SELECT ord, user_id
+FROM taptalk_auth_tickets(ARRAY[req('fault-answer-429-text-none-1-stats-b'),
+	req('fault-answer-429-env-none-2-stats-c'), req('stats-d')])
+ORDER BY ord;
+SELECT path, requests, attempts, successes, rate_limited,
+	   rate_limit_wait_ms >= 1000 AS waited_1s, rate_limit_wait_ms < 2000 AS waited_under_2s
+FROM taptalk_stats ORDER BY path;
+SELECT taptalk_stats_reset() IS NOT NULL AS reset;
+SELECT path, rate_limited, rate_limit_wait_ms FROM taptalk_stats ORDER BY path;
 
 -- privileges: PUBLIC reads nothing and cannot reset; pg_read_all_stats
 -- reads, and so pg_monitor, a member of it

@@ -436,6 +436,8 @@ taptalk_set_error(TaptalkResult *result, const char *code, const char *field,
 	result->error_message = message ? pstrdup(message) : NULL;
 	result->http_status = 0;
 	result->retry_after_ms = 0;
+	result->not_sent = false;
+	result->sent_at = 0;
 }
 
 /*

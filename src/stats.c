@@ -119,8 +119,30 @@ typedef struct TaptalkStats
 	PathStats	paths[TAPTALK_NUM_PATHS];
 } TaptalkStats;
 
+/*
+ * The layout of TaptalkStats is also the format of its image in the
+ * server's statistics file on PostgreSQL 18, which the server reads back
+ * byte for byte by the size of the running library's struct: a struct of
+ * another size misreads the whole file, and the server then discards all
+ * of its cumulative statistics, its own included.  So TaptalkStats never
+ * changes; counters added later go into RateStats, in shared memory of its
+ * own, not kept across a restart.
+ */
+StaticAssertDecl(sizeof(TaptalkStats) == 776,
+				 "TaptalkStats is the statistics file's format: never change it");
+
+/* counters added in version 1.2: TapTalk's rate limit, and ours */
+typedef struct RateStats
+{
+	pg_atomic_uint64 rate_limited[TAPTALK_NUM_PATHS];	/* 429 answers */
+	pg_atomic_uint64 rate_wait_us[TAPTALK_NUM_PATHS];	/* time waited for a
+														 * Retry-After or for
+														 * taptalk.max_rate */
+} RateStats;
+
 /* the counters in shared memory; NULL when the library was not preloaded */
 static TaptalkStats *stats = NULL;
+static RateStats *rate_stats = NULL;
 
 /* taptalk.track_stats: whether requests are counted */
 static bool track_stats = true;
@@ -163,6 +185,21 @@ stats_zero(TaptalkStats *s, bool init, TimestampTz ts)
 		pg_atomic_init_u64(&s->stats_reset, (uint64) ts);
 	else
 		pg_atomic_write_u64(&s->stats_reset, (uint64) ts);
+}
+
+/* The same for the counters of RateStats. */
+static void
+rate_stats_zero(RateStats *r, bool init)
+{
+	pg_atomic_uint64 *c = (pg_atomic_uint64 *) r;
+
+	for (size_t i = 0; i < sizeof(RateStats) / sizeof(pg_atomic_uint64); i++)
+	{
+		if (init)
+			pg_atomic_init_u64(&c[i], 0);
+		else
+			pg_atomic_write_u64(&c[i], 0);
+	}
 }
 
 /* ---------------------------------------------------------------------------
@@ -296,6 +333,7 @@ stats_shmem_request(void)
 	/* the server sizes a statistics kind's memory itself */
 	if (!stats_in_pgstat)
 		RequestAddinShmemSpace(MAXALIGN(sizeof(TaptalkStats)));
+	RequestAddinShmemSpace(MAXALIGN(sizeof(RateStats)));
 }
 
 static void
@@ -306,17 +344,21 @@ stats_shmem_startup(void)
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	rate_stats = ShmemInitStruct("taptalk rate stats", sizeof(RateStats), &found);
+	if (!found)
+		rate_stats_zero(rate_stats, true);
 	if (stats_in_pgstat)
 	{
 		/* made and initialized by the server with its own statistics */
 		stats = stats_kind_data();
-		return;
 	}
-
-	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	stats = ShmemInitStruct("taptalk stats", sizeof(TaptalkStats), &found);
-	if (!found)
-		stats_zero(stats, true, GetCurrentTimestamp());
+	else
+	{
+		stats = ShmemInitStruct("taptalk stats", sizeof(TaptalkStats), &found);
+		if (!found)
+			stats_zero(stats, true, GetCurrentTimestamp());
+	}
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -448,6 +490,22 @@ taptalk_stats_abandoned(TaptalkPath path)
 		add(&s->abandoned, 1);
 }
 
+/* A 429 answer from TapTalk (or whatever stands at taptalk.base_url). */
+void
+taptalk_stats_rate_limited(TaptalkPath path)
+{
+	if (recording(path) != NULL && rate_stats != NULL)
+		add(&rate_stats->rate_limited[path], 1);
+}
+
+/* Time a request waits before an attempt for a Retry-After or max_rate. */
+void
+taptalk_stats_rate_wait(TaptalkPath path, int64 wait_us)
+{
+	if (recording(path) != NULL && rate_stats != NULL && wait_us > 0)
+		add(&rate_stats->rate_wait_us[path], (uint64) wait_us);
+}
+
 static void
 check_stats_available(void)
 {
@@ -476,9 +534,14 @@ enum
 	COL_BYTES_RECEIVED,
 	COL_LATENCY_SUM_MS,
 	COL_LATENCY_BUCKETS,
+	COL_RATE_LIMITED,
+	COL_RATE_LIMIT_WAIT_MS,
 	COL_STATS_RESET,
 	STATS_NATTS
 };
+
+/* version 1.1 of the extension has neither rate_limited nor rate_limit_wait_ms */
+#define STATS_NATTS_1_1 (STATS_NATTS - 2)
 
 /*
  * taptalk_stats() returns setof record: one row per path, the columns of the
@@ -489,12 +552,15 @@ taptalk_stats(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	TimestampTz reset;
+	bool		old_columns;
 
 	check_stats_available();
 	InitMaterializedSRF(fcinfo, 0);
-	if (rsinfo->setDesc->natts != STATS_NATTS)
+	if (rsinfo->setDesc->natts != STATS_NATTS &&
+		rsinfo->setDesc->natts != STATS_NATTS_1_1)
 		elog(ERROR, "taptalk_stats: expected %d columns, found %d",
 			 STATS_NATTS, rsinfo->setDesc->natts);
+	old_columns = rsinfo->setDesc->natts == STATS_NATTS_1_1;
 	reset = (TimestampTz) pg_atomic_read_u64(&stats->stats_reset);
 
 	for (int p = 0; p < TAPTALK_NUM_PATHS; p++)
@@ -526,7 +592,15 @@ taptalk_stats(PG_FUNCTION_ARGS)
 			PointerGetDatum(construct_array(buckets, NUM_BUCKETS, INT8OID,
 											sizeof(int64), FLOAT8PASSBYVAL,
 											TYPALIGN_DOUBLE));
+		values[COL_RATE_LIMITED] = counter_datum(&rate_stats->rate_limited[p]);
+		values[COL_RATE_LIMIT_WAIT_MS] =
+			Float8GetDatum((double) pg_atomic_read_u64(&rate_stats->rate_wait_us[p]) / 1000.0);
 		values[COL_STATS_RESET] = TimestampTzGetDatum(reset);
+		if (old_columns)
+		{
+			/* 1.1's columns: stats_reset right after latency_buckets */
+			values[COL_RATE_LIMITED] = values[COL_STATS_RESET];
+		}
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	return (Datum) 0;
@@ -595,6 +669,7 @@ Datum
 taptalk_stats_reset(PG_FUNCTION_ARGS)
 {
 	check_stats_available();
+	rate_stats_zero(rate_stats, false);
 	stats_zero(stats, false, GetCurrentTimestamp());
 	PG_RETURN_TIMESTAMPTZ((TimestampTz) pg_atomic_read_u64(&stats->stats_reset));
 }

@@ -193,6 +193,7 @@ _PG_init(void)
 	taptalk_worker_init();
 	taptalk_callback_init();
 	taptalk_stats_init();
+	taptalk_ratelimit_init();
 
 #if PG_VERSION_NUM >= 150000
 	MarkGUCPrefixReserved("taptalk");

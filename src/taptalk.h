@@ -77,7 +77,19 @@ typedef struct TaptalkResult
 	int64		retry_after_ms; /* the wait a 429's or 503's Retry-After
 								 * asks for; 0 when none, or unusable (not
 								 * returned to SQL) */
+	TimestampTz sent_at;		/* when the attempt answered was sent; 0 when
+								 * none was (not returned to SQL) */
+	bool		not_sent;		/* taptalk.max_rate (ratelimit.c) left no
+								 * send time within the request's timeout:
+								 * this attempt was not sent (not returned) */
 } TaptalkResult;
+
+/* ratelimit.c: taptalk.max_rate, one budget for the whole server */
+extern double taptalk_max_rate;
+extern void taptalk_ratelimit_init(void);
+extern TimestampTz taptalk_rate_reserve(TimestampTz now, TimestampTz latest);
+extern int	taptalk_rate_room(int horizon_ms);
+extern void taptalk_rate_set_pace(double rate);
 
 /* settings (taptalk.c) */
 extern char *taptalk_base_url;
@@ -181,6 +193,8 @@ extern void taptalk_stats_attempt(TaptalkPath path, uint64 connections,
 extern void taptalk_stats_finished(TaptalkPath path, const char *error_code,
 								   int64 latency_us);
 extern void taptalk_stats_abandoned(TaptalkPath path);
+extern void taptalk_stats_rate_limited(TaptalkPath path);
+extern void taptalk_stats_rate_wait(TaptalkPath path, int64 wait_us);
 extern const char *taptalk_stats_error_name(const char *code);
 
 /* transport.c */
@@ -233,6 +247,20 @@ extern void taptalk_claim_types(Oid *types);
 extern void taptalk_claim_args(int want, int lease_ms, Datum *args);
 extern void taptalk_claim_taken(int want, int n, const Oid *roles,
 								const TimestampTz *ats, const int64 *ids);
+
+/* pacing.c: how much the queue's worker sends, as TapTalk answers */
+extern bool taptalk_retryable(const TaptalkResult *result);
+extern bool taptalk_rate_limited(const TaptalkResult *result);
+extern double taptalk_backoff_ms(int attempts, int max_ms);
+extern void taptalk_pacing_note(const TaptalkResult *result);
+extern void taptalk_pacing_reload(void);
+extern int	taptalk_pacing_allowance(int want, int in_flight, int claimed);
+extern int	taptalk_pacing_concurrency(void);
+extern bool taptalk_pacing_in_outage(void);
+extern TimestampTz taptalk_pacing_outage_end(void);
+extern long taptalk_pacing_outage_left(void);
+extern TimestampTz taptalk_pacing_rate_end(void);
+extern long taptalk_pacing_rate_left(void);
 
 /* worker.c */
 extern int	taptalk_worker_concurrency;

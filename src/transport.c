@@ -78,6 +78,9 @@
 #define RETRY_AFTER_SANE_S (24 * 60 * 60)
 #define RETRY_AFTER_MAX_MS (60 * 1000)
 
+/* an attempt is sent only with at least this much of its timeout left */
+#define SEND_MARGIN_MS 10
+
 /*
  * Longest single wait.  libcurl's timer always covers a transfer in flight
  * (its timeout); this only bounds the damage should it ever not.
@@ -101,6 +104,9 @@ typedef struct Slot
 	TimestampTz started;		/* when its first attempt started */
 	TimestampTz deadline;		/* the request's timeout, retries included */
 	TimestampTz retry_at;		/* when to try again; 0 when not waiting */
+	bool		reserved;		/* retry_at is the send time the rate limit
+								 * gave this attempt (ratelimit.c) */
+	TimestampTz attempt_at;		/* when the current attempt was sent */
 
 	/* filled by the libcurl callbacks; malloc'd, never palloc'd */
 	char	   *resp;
@@ -1108,6 +1114,7 @@ start_attempt(Slot *slot, struct curl_slist *headers)
 	slot->switching = false;
 	slot->errbuf[0] = '\0';
 	slot->retry_at = 0;
+	slot->attempt_at = GetCurrentTimestamp();
 
 #define SET(name, value) \
 	do { \
@@ -1375,6 +1382,8 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
 {
 	bool		retry = map_answer(slot, rc, result);
 
+	result->not_sent = false;
+	result->sent_at = slot->attempt_at;
 	result->retry_after_ms = 0;
 	if (result->error_code != NULL &&
 		(result->http_status == 429 || result->http_status == 503))
@@ -1390,7 +1399,7 @@ map_attempt(Slot *slot, CURLcode rc, TaptalkResult *result)
  * request's timeout leaves room for it.
  */
 static TimestampTz
-retry_time(Slot *slot, const TaptalkResult *result)
+retry_time(TaptalkPath path, Slot *slot, const TaptalkResult *result)
 {
 	long		delay_ms;
 
@@ -1401,6 +1410,7 @@ retry_time(Slot *slot, const TaptalkResult *result)
 		if (result->retry_after_ms > RETRY_AFTER_MAX_MS ||
 			result->retry_after_ms + 10 >= remaining_ms(slot->deadline))
 			return 0;
+		taptalk_stats_rate_wait(path, result->retry_after_ms * 1000);
 		return TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 										   result->retry_after_ms);
 	}
@@ -1431,6 +1441,7 @@ release_slot(Slot *slot)
 	slot->attached = false;
 	slot->busy = false;
 	slot->retry_at = 0;
+	slot->reserved = false;
 	if (slot->resp_cap > KEEP_BUFFER_BYTES)
 	{
 		free(slot->resp);
@@ -1511,6 +1522,68 @@ settle_start_failure(TaptalkPath path, Slot *slot, taptalk_done_fn done,
 	done(arg, slot->id, &result);
 }
 
+/*
+ * Report a request whose next attempt taptalk.max_rate could not fit in
+ * its timeout, without sending it, and free its slot: TIMEOUT, marked not
+ * sent.  A first attempt counts as an attempt that sent and received
+ * nothing.
+ */
+static void
+settle_unsent(TaptalkPath path, Slot *slot, taptalk_done_fn done, void *arg)
+{
+	TaptalkResult result;
+
+	taptalk_set_error(&result, TAPTALK_CODE_TIMEOUT, NULL,
+					  psprintf("not sent: \"taptalk.max_rate\" (%g requests/s) left no time to send it within its timeout of %d ms",
+							   taptalk_max_rate, taptalk_timeout_ms));
+	result.not_sent = true;
+	release_slot(slot);
+	if (slot->attempt == 0)
+		taptalk_stats_attempt(path, 0, 0, 0);
+	record_finished(path, slot, &result);
+	done(arg, slot->id, &result);
+}
+
+/*
+ * Send the slot's next attempt now, or note when it may be: under
+ * taptalk.max_rate an attempt first reserves its send time (ratelimit.c),
+ * then waits for it in the run's loop, on the latch.  The
+ * wait is within the request's timeout, which runs from its first attempt.
+ * Returns false when the request is settled instead: no send time within
+ * its timeout, or libcurl refused to start it.
+ */
+static bool
+launch(TaptalkPath path, Slot *slot, struct curl_slist *headers,
+	   taptalk_done_fn done, void *arg)
+{
+	if (!slot->reserved)
+	{
+		TimestampTz now = GetCurrentTimestamp();
+		TimestampTz at;
+
+		at = taptalk_rate_reserve(now, slot->deadline - SEND_MARGIN_MS * 1000);
+		if (at == 0)
+		{
+			settle_unsent(path, slot, done, arg);
+			return false;
+		}
+		if (at > now)
+		{
+			slot->retry_at = at;
+			slot->reserved = true;
+			taptalk_stats_rate_wait(path, at - now);
+			return true;
+		}
+	}
+	slot->reserved = false;
+	if (!start_attempt(slot, headers))
+	{
+		settle_start_failure(path, slot, done, arg);
+		return false;
+	}
+	return true;
+}
+
 static Slot *
 free_slot(int concurrency)
 {
@@ -1551,8 +1624,10 @@ collect_finished(TaptalkPath path, taptalk_done_fn done, void *arg)
 		record_attempt(path, slot);
 
 		old = MemoryContextSwitchTo(result_cxt);
-		retry = map_attempt(slot, msg->data.result, &result) &&
-			(slot->retry_at = retry_time(slot, &result)) != 0;
+		retry = map_attempt(slot, msg->data.result, &result);
+		if (result.http_status == 429)
+			taptalk_stats_rate_limited(path);
+		retry = retry && (slot->retry_at = retry_time(path, slot, &result)) != 0;
 		MemoryContextSwitchTo(old);
 		if (retry)
 		{
@@ -1619,11 +1694,9 @@ taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
 				slot->started = GetCurrentTimestamp();
 				slot->deadline = TimestampTzPlusMilliseconds(slot->started,
 															 taptalk_timeout_ms);
-				if (!start_attempt(slot, headers))
-				{
-					settle_start_failure(path, slot, done, arg);
+				slot->reserved = false;
+				if (!launch(path, slot, headers, done, arg))
 					busy--;
-				}
 			}
 			if (busy == 0)
 			{
@@ -1632,7 +1705,10 @@ taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
 				elog(ERROR, "taptalk request source waits with no request in flight");
 			}
 
-			/* restart the retries that are due; note when the next one is */
+			/*
+			 * start the retries and the reserved sends that are due; note
+			 * when the next one is
+			 */
 			now = GetCurrentTimestamp();
 			for (int i = 0; i < concurrency; i++)
 			{
@@ -1642,12 +1718,12 @@ taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
 					continue;
 				if (slot->retry_at <= now)
 				{
-					slot->attempt++;
-					if (!start_attempt(slot, headers))
-					{
-						settle_start_failure(path, slot, done, arg);
+					if (!slot->reserved)
+						slot->attempt++;
+					if (!launch(path, slot, headers, done, arg))
 						busy--;
-					}
+					else if (slot->reserved)
+						wait_ms = Min(wait_ms, ms_until(slot->retry_at, now));
 				}
 				else
 					wait_ms = Min(wait_ms, ms_until(slot->retry_at, now));

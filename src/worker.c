@@ -67,8 +67,7 @@ int			taptalk_retention_s = 86400;
 #define POLL_MS 5000
 /* and checks for the extension this often while it is missing */
 #define MISSING_POLL_MS 10000
-/* first retry after about this long, doubling, at most BACKOFF_MAX_MS */
-#define BACKOFF_BASE_MS 1000
+/* a queued request's retries wait at most this long (pacing.c's backoff) */
 #define BACKOFF_MAX_MS (5 * 60 * 1000)
 /* succeeded requests removed per statement, and how often at most */
 #define RETENTION_BATCH 1000
@@ -86,23 +85,8 @@ int			taptalk_retention_s = 86400;
 #define STEP_ERROR_WAIT_MS 1000
 /* expired leases are looked for at most this often */
 #define LEASE_CHECK_MS 1000
-/*
- * TapTalk out of reach: after this many retryable failures in a row the
- * worker pauses, then sends one request at a time (a probe) between pauses
- * that double, up to OUTAGE_MAX_MS, until TapTalk answers one
- */
-#define OUTAGE_AFTER 10
-#define OUTAGE_MAX_MS (60 * 1000)
-/*
- * TapTalk's rate limit (a 429): sending pauses for the answer's Retry-After,
- * at most RATELIMIT_MAX_MS, or without one for about RATELIMIT_BASE_MS,
- * doubling with each pause in a row, at most RATELIMIT_GUESS_MAX_MS
- */
-#define RATELIMIT_MAX_MS (10 * 60 * 1000)
-#define RATELIMIT_BASE_MS 1000
-#define RATELIMIT_GUESS_MAX_MS (60 * 1000)
-/* a rate limit pause is logged at most this often */
-#define RATELIMIT_LOG_MS (60 * 1000)
+/* a 503's Retry-After delays a queued request's retry at most this long */
+#define RETRY_AFTER_MAX_MS (10 * 60 * 1000)
 
 /*
  * What the worker is doing, as the view taptalk_worker shows it (the names
@@ -147,6 +131,7 @@ typedef struct WorkerShared
 	TimestampTz state_since;
 	TimestampTz paused_until;	/* end of a pause; 0: none */
 	int			in_flight;
+	int			concurrency;	/* requests kept in flight now (pacing.c) */
 	TimestampTz last_success;	/* 0: none since the server started */
 	TimestampTz last_error;
 	char		last_error_code[32];	/* as taptalk_stats_errors names it */
@@ -343,6 +328,7 @@ set_state(WorkerState state, int in_flight)
 	shared->state = state;
 	shared->paused_until = until;
 	shared->in_flight = in_flight;
+	shared->concurrency = taptalk_pacing_concurrency();
 	SpinLockRelease(&shared->mutex);
 }
 
@@ -385,15 +371,15 @@ taptalk_worker_status(PG_FUNCTION_ARGS)
 {
 	TupleDesc	desc;
 	WorkerShared copy;
-	Datum		values[9];
-	bool		nulls[9] = {0};
+	Datum		values[10];
+	bool		nulls[10] = {0};
 
 	if (shared == NULL)
 		taptalk_require_preload("The background worker runs only when the library is loaded at server start.");
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
-	/* version 1.1 of the extension has no paused_until */
-	if (desc->natts != lengthof(values) && desc->natts != lengthof(values) - 1)
+	/* version 1.1 of the extension has neither paused_until nor concurrency */
+	if (desc->natts != lengthof(values) && desc->natts != lengthof(values) - 2)
 		elog(ERROR, "taptalk_worker_status: expected %d columns, found %d",
 			 (int) lengthof(values), desc->natts);
 
@@ -420,197 +406,21 @@ taptalk_worker_status(PG_FUNCTION_ARGS)
 		nulls[7] = true;
 	values[8] = TimestampTzGetDatum(copy.paused_until);
 	nulls[8] = copy.pid == 0 || copy.paused_until == 0;
+	values[9] = Int32GetDatum(copy.concurrency);
+	nulls[9] = copy.pid == 0;
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc),
 													  values, nulls)));
-}
-
-/*
- * Whether a failure may be cured by a later attempt: no answer in time, no
- * connection, HTTP 429 or 5xx.  The status decides, whatever the body: with
- * TapTalk's envelope too.
- */
-static bool
-retryable(const TaptalkResult *result)
-{
-	if (result->error_code == NULL)
-		return false;
-	if (strcmp(result->error_code, TAPTALK_CODE_TIMEOUT) == 0 ||
-		strcmp(result->error_code, TAPTALK_CODE_CONNECTION_FAILED) == 0)
-		return true;
-	return result->http_status == 429 || result->http_status >= 500;
-}
-
-/* Whether TapTalk answered a request with its rate limit (HTTP 429). */
-static bool
-rate_limited(const TaptalkResult *result)
-{
-	return result->error_code != NULL && result->http_status == 429;
-}
-
-/*
- * Exponential backoff with jitter, in [d/2, d) for d = base * 2^(n-1), at
- * most max_ms.
- */
-static double
-backoff_ms(int attempts, int max_ms)
-{
-	uint64		d = (uint64) BACKOFF_BASE_MS << Min(Max(attempts - 1, 0), 20);
-
-	d = Min(d, (uint64) max_ms);
-	return (double) (d / 2 + pg_prng_uint64_range(&pg_global_prng_state, 0, d / 2 - 1));
-}
-
-/*
- * TapTalk's reachability, as the worker's requests find it: the retryable
- * failures in a row (no answer in time, no connection, HTTP 429 or 5xx), and
- * once there are OUTAGE_AFTER of them, the pauses so far and the end of the
- * current one.  During a pause nothing is claimed; after it, one request at
- * a time.  A backlog would otherwise be tried request after request while
- * TapTalk is down, each with its own backoff: the worker busy all the time,
- * for nothing.
- */
-static int	outage_failures = 0;
-static int	outage_pauses = 0;
-static TimestampTz outage_until = 0;
-
-static void
-outage_reset(void)
-{
-	outage_failures = 0;
-	outage_pauses = 0;
-	outage_until = 0;
-}
-
-static bool
-in_outage(void)
-{
-	return outage_failures >= OUTAGE_AFTER;
-}
-
-/* The rest of the current pause in ms, 0 when there is none. */
-static long
-outage_pause_left(void)
-{
-	long		secs;
-	int			usecs;
-
-	if (!in_outage() || outage_until <= GetCurrentTimestamp())
-		return 0;
-	TimestampDifference(GetCurrentTimestamp(), outage_until, &secs, &usecs);
-	return secs * 1000 + usecs / 1000 + 1;
-}
-
-/*
- * A sent request's outcome: what it says about TapTalk's reachability.  A
- * 429 is an answer: TapTalk is there, and asks to wait (ratelimit_note).
- */
-static void
-outage_note(const TaptalkResult *result)
-{
-	if (!retryable(result) || rate_limited(result))
-	{
-		/* TapTalk answered */
-		if (in_outage())
-			ereport(LOG,
-					(errmsg("taptalk worker: TapTalk answers again; sending resumes")));
-		outage_reset();
-		return;
-	}
-	if (++outage_failures < OUTAGE_AFTER || outage_pause_left() > 0)
-		return;
-	/* the first pause, or the probe after a pause failed: pause (again) */
-	if (outage_pauses == 0)
-		ereport(LOG,
-				(errmsg("taptalk worker: %d requests in a row failed (the last: %s); pausing",
-						outage_failures, taptalk_stats_error_name(result->error_code)),
-				 errdetail("One request at a time is sent after each pause until TapTalk answers.")));
-	outage_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-											   (int64) backoff_ms(outage_pauses + 1,
-																  OUTAGE_MAX_MS));
-	outage_pauses++;
-}
-
-/*
- * TapTalk's rate limit, which belongs to the key, not to one request: after
- * a 429, nothing is sent until ratelimit_until; then at most
- * ratelimit_window requests are in flight, one more for each answer that is
- * not a 429 (TCP's slow start: the window doubles each round trip), until
- * it reaches taptalk.worker_concurrency (0: no limit).
- */
-static TimestampTz ratelimit_until = 0;
-static int	ratelimit_window = 0;
-static int	ratelimit_guesses = 0;	/* pauses in a row without Retry-After */
-static TimestampTz ratelimit_logged = 0;
-
-/* The rest of the current rate limit pause in ms, 0 when there is none. */
-static long
-ratelimit_left(void)
-{
-	long		secs;
-	int			usecs;
-
-	if (ratelimit_until <= GetCurrentTimestamp())
-		return 0;
-	TimestampDifference(GetCurrentTimestamp(), ratelimit_until, &secs, &usecs);
-	return secs * 1000 + usecs / 1000 + 1;
-}
-
-/* A sent request's outcome: what it says about TapTalk's rate limit. */
-static void
-ratelimit_note(const TaptalkResult *result)
-{
-	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz until;
-	int64		wait_ms;
-
-	if (!rate_limited(result))
-	{
-		if (result->http_status == 0)
-			return;				/* no answer: says nothing about the rate */
-		ratelimit_guesses = 0;
-		if (ratelimit_window > 0 &&
-			++ratelimit_window >= taptalk_worker_concurrency)
-			ratelimit_window = 0;
-		return;
-	}
-
-	ratelimit_window = 1;
-	if (result->retry_after_ms > 0)
-		wait_ms = Min(result->retry_after_ms, (int64) RATELIMIT_MAX_MS);
-	else if (ratelimit_until > now)
-		return;					/* an answer to a request sent before the
-								 * pause: the pause stands */
-	else
-	{
-		wait_ms = Min((int64) RATELIMIT_BASE_MS << Min(ratelimit_guesses, 10),
-					  (int64) RATELIMIT_GUESS_MAX_MS);
-		ratelimit_guesses++;
-	}
-	until = TimestampTzPlusMilliseconds(now, wait_ms);
-	if (until <= ratelimit_until)
-		return;
-	if (ratelimit_until <= now &&
-		TimestampDifferenceExceeds(ratelimit_logged, now, RATELIMIT_LOG_MS))
-	{
-		ereport(LOG,
-				(errmsg("taptalk worker: TapTalk's rate limit was reached; sending pauses for %lld ms",
-						(long long) wait_ms),
-				 errdetail("Sending resumes one request at a time, then more as TapTalk accepts them."),
-				 errhint("Further pauses in the next minute are not logged; the view \"taptalk_worker\" shows them.")));
-		ratelimit_logged = now;
-	}
-	ratelimit_until = until;
 }
 
 /* When the pause a state waits out ends: 0 for none, or a state that is not one. */
 static TimestampTz
 pause_end(WorkerState state)
 {
-	if (state == WORKER_RATE_LIMITED && ratelimit_left() > 0)
-		return ratelimit_until;
-	if (state == WORKER_BACKING_OFF && outage_pause_left() > 0)
-		return outage_until;
+	if (state == WORKER_RATE_LIMITED)
+		return taptalk_pacing_rate_end();
+	if (state == WORKER_BACKING_OFF)
+		return taptalk_pacing_outage_end();
 	return 0;
 }
 
@@ -618,7 +428,7 @@ pause_end(WorkerState state)
 static WorkerState
 sending_state(void)
 {
-	return ratelimit_left() > 0 ? WORKER_RATE_LIMITED : WORKER_SENDING;
+	return taptalk_pacing_rate_left() > 0 ? WORKER_RATE_LIMITED : WORKER_SENDING;
 }
 
 /* Apply a reload of the configuration file; TapTalk may be elsewhere now. */
@@ -627,11 +437,7 @@ reload_config(void)
 {
 	ConfigReloadPending = false;
 	ProcessConfigFile(PGC_SIGHUP);
-	outage_reset();
-	/* the key may be another now, with its own quota: try one request */
-	if (ratelimit_left() > 0)
-		ratelimit_window = 1;
-	ratelimit_until = 0;
+	taptalk_pacing_reload();
 }
 
 /* Wait on the latch for at most `ms`; wakes on SIGTERM and SIGHUP too. */
@@ -656,7 +462,8 @@ wait_out_pause(void)
 {
 	long		left;
 
-	while ((left = Max(outage_pause_left(), ratelimit_left())) > 0)
+	while ((left = Max(taptalk_pacing_outage_left(),
+					   taptalk_pacing_rate_left())) > 0)
 		worker_wait(left);
 }
 
@@ -903,6 +710,8 @@ copy_result_to(MemoryContext cxt, TaptalkResult *dst, const TaptalkResult *src)
 	dst->error_message = src->error_message ? pstrdup(src->error_message) : NULL;
 	dst->http_status = src->http_status;
 	dst->retry_after_ms = src->retry_after_ms;
+	dst->not_sent = src->not_sent;
+	dst->sent_at = src->sent_at;
 	MemoryContextSwitchTo(old);
 }
 
@@ -1088,25 +897,11 @@ claim(Pipeline *p)
 	TimestampTz *ats;
 	int64	   *ids;
 
-	/* TapTalk out of reach: nothing during a pause, then one probe */
-	if (in_outage())
-	{
-		if (outage_pause_left() > 0 || p->in_flight > 0 || p->nclaimed > 0)
-			want = 0;
-		else
-			want = Min(want, 1);
-		if (want == 0)
-		{
-			p->drained = true;
-			return;
-		}
-	}
-
-	/* TapTalk's rate limit: nothing during a pause, then a growing window */
-	if (ratelimit_left() > 0)
-		want = 0;
-	else if (ratelimit_window > 0)
-		want = Min(want, Max(ratelimit_window - p->in_flight - p->nclaimed, 0));
+	/*
+	 * TapTalk out of reach, its rate limit, taptalk.max_rate: how many the
+	 * worker may take up now (pacing.c)
+	 */
+	want = taptalk_pacing_allowance(want, p->in_flight, p->nclaimed);
 	if (want == 0)
 	{
 		p->drained = true;
@@ -1186,7 +981,7 @@ plan_idle(Pipeline *p, const char *table)
 		p->waiting_retry = !isnull && DatumGetBool(d);
 	}
 	/* due requests wait for the end of a pause (wait_out_pause) */
-	if (outage_pause_left() > 0)
+	if (taptalk_pacing_outage_left() > 0)
 		p->waiting_retry = true;
 	return removed > 0;
 }
@@ -1233,16 +1028,27 @@ text_elem(const char *s, Datum *value, bool *null)
 	*null = (s == NULL);
 }
 
+/*
+ * Whether a finished request's attempt is given back: a 429 (being rate
+ * limited is not the request's fault), or an attempt the rate limit did not
+ * let out in time (not sent).
+ */
+static bool
+attempt_refunded(const QueueItem *item)
+{
+	return taptalk_rate_limited(&item->result) || item->result.not_sent;
+}
+
 /* The state a finished request is recorded with. */
 static const char *
 final_state(const QueueItem *item)
 {
 	if (item->result.error_code == NULL)
 		return "succeeded";
-	/* a 429 does not count as an attempt (record_items gives it back) */
-	if (rate_limited(&item->result))
+	/* not counted as an attempt (record_items gives it back) */
+	if (attempt_refunded(item))
 		return "queued";
-	if (retryable(&item->result) && item->attempts < taptalk_max_attempts)
+	if (taptalk_retryable(&item->result) && item->attempts < taptalk_max_attempts)
 		return "queued";
 	return "failed";
 }
@@ -1257,20 +1063,21 @@ runs_callback(const QueueItem *item)
 
 /*
  * How long a request waits before its next attempt: until TapTalk's rate
- * limit pause ends after a 429, at least the Retry-After of a 503 (at most
- * RATELIMIT_MAX_MS), else the exponential backoff of its attempts.
+ * limit pause ends after a 429 or when not sent, at least the Retry-After
+ * of a 503 (at most RETRY_AFTER_MAX_MS), else the exponential backoff of its
+ * attempts.
  */
 static double
 retry_delay_ms(const QueueItem *item)
 {
 	double		delay;
 
-	if (rate_limited(&item->result))
-		return (double) ratelimit_left();
-	delay = backoff_ms(item->attempts, BACKOFF_MAX_MS);
+	if (attempt_refunded(item))
+		return (double) taptalk_pacing_rate_left();
+	delay = taptalk_backoff_ms(item->attempts, BACKOFF_MAX_MS);
 	if (item->result.retry_after_ms > 0)
 		delay = Max(delay, (double) Min(item->result.retry_after_ms,
-										(int64) RATELIMIT_MAX_MS));
+										(int64) RETRY_AFTER_MAX_MS));
 	return delay;
 }
 
@@ -1316,7 +1123,7 @@ record_items(Pipeline *p, const int *which, int n, bool *recorded)
 		text_elem(item->result.error_field, &cols[4][f], &colnulls[4][f]);
 		text_elem(item->result.error_message, &cols[5][f], &colnulls[5][f]);
 		cols[6][f] = Float8GetDatum(retry_delay_ms(item));
-		cols[7][f] = Int32GetDatum(rate_limited(&item->result) ? 1 : 0);
+		cols[7][f] = Int32GetDatum(attempt_refunded(item) ? 1 : 0);
 	}
 	for (int c = 0; c < 8; c++)
 		args[c] = datum_array(cols[c], colnulls[c], n, types[c]);
@@ -1793,8 +1600,8 @@ pipeline_next(void *arg, int64 *id, StringInfo body)
 		 * an enqueuing commit: claim again, unless TapTalk is out of reach
 		 * or its rate limit holds sending back
 		 */
-		if (p->drained && shared != NULL && !in_outage() &&
-			ratelimit_left() == 0 &&
+		if (p->drained && shared != NULL && !taptalk_pacing_in_outage() &&
+			taptalk_pacing_rate_left() == 0 &&
 			pg_atomic_read_u32(&shared->wake_pending) != 0)
 			p->drained = false;
 		if (p->nfinished > 0 || (!p->drained && !p->stop))
@@ -1813,8 +1620,7 @@ pipeline_done(void *arg, int64 id, TaptalkResult *result)
 	Pipeline   *p = (Pipeline *) arg;
 
 	p->in_flight--;
-	outage_note(result);
-	ratelimit_note(result);
+	taptalk_pacing_note(result);
 	set_state(sending_state(), p->in_flight);
 	finish_item(p, (int) id, result);
 }
@@ -1907,11 +1713,11 @@ taptalk_worker_main(Datum main_arg)
 
 		if (pipeline.nclaimed == 0)
 		{
-			if (ratelimit_left() > 0)
+			if (taptalk_pacing_rate_left() > 0)
 				set_state(WORKER_RATE_LIMITED, 0);
 			else
 				set_state(pipeline.waiting_retry ? WORKER_BACKING_OFF : WORKER_IDLE, 0);
-			if (outage_pause_left() > 0 || ratelimit_left() > 0)
+			if (taptalk_pacing_outage_left() > 0 || taptalk_pacing_rate_left() > 0)
 				wait_out_pause();
 			else
 				worker_wait(pipeline.wait_ms);

@@ -145,6 +145,9 @@ API contract
                                 envelope "42900" "Too many requests", and
                                 the log gets {"event":"ratelimited",
                                 "port":P,"group":G,"t":T}
+     fault-quotaplain-<n>-<group>-<id>
+                                the same rate limit, but the others answer
+                                429 text/plain with no Retry-After
      fault-answer-<status>-<body>-<after>-<n>-<token>
                                 the first n requests for <token> answer
                                 <status> (400..599), later ones succeed.
@@ -984,6 +987,13 @@ class Connection:
                                     envelope(429, "42900",
                                              "Too many requests", ""),
                                     (("Retry-After", "1"),))
+        elif f.startswith("quotaplain-"):
+            n_txt, sep, rest = f[len("quotaplain-"):].partition("-")
+            group = rest.partition("-")[0]
+            n = parse_uint(n_txt)
+            if sep and group and n is not None and not st.quota_take(group, n):
+                st.log_ratelimited(self.port, group)
+                return self.text(req, 429, "Too Many Requests")
         elif f.startswith("answer-"):
             answer = self.counted_answer(req, f[len("answer-"):])
             if answer is not None:
