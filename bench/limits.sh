@@ -188,6 +188,21 @@ limits_log_counts() {
 			printf "%d %d %d %d\n", n, ok, lim, other }'
 }
 
+# limits_log_429s OFFSET PATH: when nginx answered 429 under PATH after
+# OFFSET, by second since the first request's arrival: "SECOND:COUNT,..."
+# ("-" for none)
+limits_log_429s() {
+	tail -c +"$(($1 + 1))" "$LIMIT_LOG" | awk -v p="$2/" '
+		index($4, p) != 1 { next }
+		{ a = $1 - $2; if (!seen || a < first) first = a; seen = 1
+		  if ($3 == 429) t[++n] = $1 }
+		END {
+			for (i = 1; i <= n; i++) { s = int(t[i] - first); if (!(s in c)) o[++k] = s; c[s]++ }
+			if (k == 0) { print "-"; exit }
+			for (i = 1; i <= k; i++) printf "%s%d:%d", (i > 1 ? "," : ""), o[i], c[o[i]]
+			print "" }'
+}
+
 # limits_wait_idle FIRST LAST: until no request from FIRST to LAST is queued
 # or sending, sampling taptalk_worker meanwhile into $BENCH_DIR/limits_samples
 # ("STATE IN_FLIGHT CONCURRENCY", "-" when the view has no concurrency)
@@ -247,7 +262,7 @@ SQL
 # limits_queue VARIANT PATH: one drain against the limited location PATH,
 # appended to $BENCH_DIR/limits_queue
 limits_queue() {
-	local variant=$1 path=$2 offset first last start end states nginx stats samples ideal
+	local variant=$1 path=$2 offset first last start end states nginx stats samples ideal profile
 	pg -v url="$URL$path" <<'SQL'
 ALTER SYSTEM SET taptalk.base_url = :'url';
 ALTER SYSTEM RESET taptalk.worker_concurrency;
@@ -270,12 +285,13 @@ SQL
 )"
 	nginx=$(limits_log_counts "$offset" "$path")
 	stats=$(pg -c "SELECT bench_limits_delta('before', 'after', 'queue')")
+	profile=$(limits_log_429s "$offset" "$path")
 	ideal=$(awk -v n="$LIMIT_QUEUE_REQUESTS" -v r="$LIMIT_RATE" -v b="$LIMIT_BURST" -v d="$SLOT_DELAY_MS" \
 		'BEGIN { x = n > b ? (n - b) / r : 0; printf "%.3f", x + d / 1000 }')
 	# VARIANT SECONDS IDEAL | SUCCEEDED FAILED SUM_ATT MAX_ATT ERRORS |
-	# RECEIVED 200 429 OTHER | STATS(6) | SAMPLES(5)
+	# RECEIVED 200 429 OTHER | STATS(6) | SAMPLES(5) | 429S
 	echo "$variant $(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }') $ideal" \
-		"$states $nginx $stats $samples" >>"$BENCH_DIR/limits_queue"
+		"$states $nginx $stats $samples $profile" >>"$BENCH_DIR/limits_queue"
 }
 
 # limits_batch VARIANT PATH: one batch against the limited location PATH,
@@ -412,10 +428,10 @@ limits_report() {
 	echo " attempts: the requests nginx received per request; stats att, rate_lim, wait ms: what"
 	echo " taptalk_stats' attempts, rate_limited and rate_limit_wait_ms gained, \"-\" when it lacks the column)"
 	while read -r v s ideal succ fail sum_att max_att errs recv ok lim other \
-		st_req st_att st_succ st_fail st_rl st_wait samples rl_samples cmin cmed cmax; do
+		st_req st_att st_succ st_fail st_rl st_wait samples rl_samples cmin cmed cmax profile; do
 		echo "queue, $v: $succ succeeded, $fail failed (errors: $errs); taptalk_queue.attempts sum $sum_att, max $max_att;" \
 			"taptalk_worker.concurrency while sending min/median/max $cmin/$cmed/$cmax;" \
-			"'rate limited' in $rl_samples of $samples samples"
+			"'rate limited' in $rl_samples of $samples samples; 429s by second from the first arrival: $profile"
 	done <"$BENCH_DIR/limits_queue"
 	while read -r v s okrows errs _; do
 		echo "batch, $v: errors of the rows that failed: $errs"
