@@ -98,10 +98,13 @@ is(q1("SELECT count(*) FROM pg_proc WHERE proname LIKE 'taptalk_stats%'", 'upgra
 q1("ALTER EXTENSION taptalk UPDATE TO '1.1'", 'upgrade');
 is(q1("SELECT extversion FROM pg_extension WHERE extname = 'taptalk'", 'upgrade'),
 	'1.1', 'ALTER EXTENSION UPDATE reaches 1.1');
-# the library serves version 1.1's taptalk_worker_status() too, until the
-# update to 1.2
+# the library serves version 1.1's taptalk_worker_status() and
+# taptalk_stats() too, until the update to 1.2
 is(q1("SELECT state IS NOT NULL FROM taptalk_worker", 'upgrade'),
 	't', 'version 1.1 reads the worker with the new library');
+is( q1("SELECT count(*) FROM taptalk_stats WHERE stats_reset BETWEEN now() - interval '1 day' AND now()",
+		'upgrade'),
+	'3', "version 1.1 reads the statistics with the new library, stats_reset in 1.1's place");
 q1("ALTER EXTENSION taptalk UPDATE TO '1.2'", 'upgrade');
 is(q1("SELECT extversion FROM pg_extension WHERE extname = 'taptalk'", 'upgrade'),
 	'1.2', 'ALTER EXTENSION UPDATE reaches 1.2 from 1.1');
