@@ -72,7 +72,7 @@
 /* the lowest rate the worker adapts to (requests/s) */
 #define RATE_MIN 0.1
 /* accepted answers remembered, to measure the rate TapTalk accepts */
-#define ACCEPTED_RING 1024
+#define ACCEPTED_RING 4096
 /* the worker takes up what taptalk.max_rate allows in this long */
 #define RATE_HORIZON_MS 1000
 
@@ -252,11 +252,18 @@ taptalk_pacing_concurrency(void)
 	return (int) Max(Min(w, (double) taptalk_worker_concurrency), 1.0);
 }
 
-/* The end of the current rate limit pause; 0 when there is none. */
+/*
+ * When sending may go on: the end of the current rate limit pause, or the
+ * time the pace and taptalk.max_rate leave room to take up a request again;
+ * 0 when that is now.
+ */
 TimestampTz
 taptalk_pacing_rate_end(void)
 {
-	return ratelimit_until > GetCurrentTimestamp() ? ratelimit_until : 0;
+	TimestampTz until = Max(ratelimit_until,
+							taptalk_rate_room_at(RATE_HORIZON_MS));
+
+	return until > GetCurrentTimestamp() ? until : 0;
 }
 
 long
@@ -350,6 +357,9 @@ answer_rate_limited(const TaptalkResult *result, TimestampTz sent_at)
 void
 taptalk_pacing_note(const TaptalkResult *result)
 {
+	/* not sent (no time under the rate): says nothing of TapTalk */
+	if (result->not_sent)
+		return;
 	outage_note(result);
 	if (taptalk_rate_limited(result))
 		answer_rate_limited(result, result->sent_at);
@@ -386,7 +396,7 @@ taptalk_pacing_allowance(int want, int in_flight, int claimed)
 		want = Min(want, 1);
 	}
 	/* TapTalk's rate limit: nothing during a pause */
-	if (taptalk_pacing_rate_left() > 0)
+	if (ratelimit_until > GetCurrentTimestamp())
 		return 0;
 	/* what the pace and taptalk.max_rate leave in the next moment */
 	return Min(want, Max(taptalk_rate_room(RATE_HORIZON_MS) - claimed, 0));

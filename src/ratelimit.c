@@ -13,8 +13,11 @@
  * is lost to polling.  A reservation is made only when the send time fits
  * in the request's own time budget (taptalk.timeout): a request that
  * could not be sent in time is not sent at all, and takes no one's place.
- * Reserved times of requests then cancelled are not given back: the rate
- * can only come out lower than the setting, never higher.
+ * A request cancelled while it waits gives its time back when no later one
+ * was reserved after it; otherwise the time stays unused: the rate can only
+ * come out lower than the setting, never higher.  The latest time reserved
+ * is kept, not the next free one, so a new setting applies to the very next
+ * request.
  *
  * The caller waits for its send time itself, on its latch (transport.c),
  * so cancel, statement_timeout and terminate act at once.
@@ -46,7 +49,7 @@ double		taptalk_max_rate = 0;
 typedef struct RateShared
 {
 	slock_t		mutex;
-	TimestampTz next_free;		/* the earliest send time not reserved */
+	TimestampTz last_at;		/* the latest send time reserved; 0: none */
 } RateShared;
 
 static RateShared *rate = NULL;
@@ -56,7 +59,7 @@ static RateShared *rate = NULL;
  * sets it as it adapts to TapTalk's rate limit (pacing.c); 0 for none.
  */
 static int64 pace_interval_us = 0;
-static TimestampTz pace_next_free = 0;
+static TimestampTz pace_last_at = 0;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -82,25 +85,42 @@ rate_shmem_startup(void)
 	if (!found)
 	{
 		SpinLockInit(&rate->mutex);
-		rate->next_free = 0;
+		rate->last_at = 0;
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
 
-/* Set this process's own pace, in requests per second; 0 for none. */
-void
-taptalk_rate_set_pace(double rate)
+/*
+ * Microseconds between two sends at `per_second` requests a second: 0 for
+ * no limit, at most a day.
+ */
+static int64
+interval_us(double per_second)
 {
-	pace_interval_us = rate > 0 ? (int64) ceil(1000000.0 / rate) : 0;
+	if (per_second <= 0)
+		return 0;
+	return (int64) Min(ceil(1000000.0 / per_second), (double) USECS_PER_DAY);
 }
 
-/* Interval between two sends under taptalk.max_rate, in microseconds. */
-static int64
-send_interval_us(void)
+/* Set this process's own pace, in requests per second; 0 for none. */
+void
+taptalk_rate_set_pace(double per_second)
 {
-	if (taptalk_max_rate <= 0)
-		return 0;
-	return (int64) ceil(1000000.0 / taptalk_max_rate);
+	pace_interval_us = interval_us(per_second);
+}
+
+/*
+ * The first send time free after a send at `last` (0: none) with `interval`
+ * between sends, not before `now`.  Reserved times are kept as the time of
+ * the send, not the next free one, so a new interval (a reload, a new pace)
+ * applies at once, to the very next send.
+ */
+static TimestampTz
+next_free(TimestampTz last, int64 interval, TimestampTz now)
+{
+	if (interval == 0 || last == 0)
+		return now;
+	return Max(last + interval, now);
 }
 
 /*
@@ -134,13 +154,13 @@ taptalk_ratelimit_init(void)
  * and nothing reserved when it is later than `latest`.
  */
 TimestampTz
-taptalk_rate_reserve(TimestampTz now, TimestampTz latest)
+taptalk_rate_reserve(TimestampTz now, TimestampTz latest,
+					 TaptalkRateTicket *ticket)
 {
-	int64		interval = rate != NULL ? send_interval_us() : 0;
-	TimestampTz at = now;
+	int64		interval = rate != NULL ? interval_us(taptalk_max_rate) : 0;
+	TimestampTz at = next_free(pace_last_at, pace_interval_us, now);
 
-	if (pace_interval_us > 0 && pace_next_free > at)
-		at = pace_next_free;
+	ticket->at = 0;
 	if (interval == 0)
 	{
 		if (at > latest)
@@ -149,18 +169,66 @@ taptalk_rate_reserve(TimestampTz now, TimestampTz latest)
 	else
 	{
 		SpinLockAcquire(&rate->mutex);
-		if (rate->next_free > at)
-			at = rate->next_free;
+		at = Max(at, next_free(rate->last_at, interval, now));
 		if (at > latest)
 		{
 			SpinLockRelease(&rate->mutex);
 			return 0;
 		}
-		rate->next_free = at + interval;
+		ticket->prev_shared = rate->last_at;
+		rate->last_at = at;
 		SpinLockRelease(&rate->mutex);
 	}
 	if (pace_interval_us > 0)
-		pace_next_free = at + pace_interval_us;
+	{
+		ticket->prev_pace = pace_last_at;
+		pace_last_at = at;
+	}
+	ticket->at = at;
+	return at;
+}
+
+/*
+ * Give back a send time that will not be used (its request was abandoned
+ * while it waited), when it is still the latest reserved: the next request
+ * then need not wait for it.  Tickets are given back latest first, so that
+ * a backend's run of them goes back whole.  Never raises.
+ */
+void
+taptalk_rate_release(const TaptalkRateTicket *ticket)
+{
+	if (ticket->at == 0)
+		return;
+	if (rate != NULL)
+	{
+		SpinLockAcquire(&rate->mutex);
+		if (rate->last_at == ticket->at)
+			rate->last_at = ticket->prev_shared;
+		SpinLockRelease(&rate->mutex);
+	}
+	if (pace_interval_us > 0 && pace_last_at == ticket->at)
+		pace_last_at = ticket->prev_pace;
+}
+
+/*
+ * The earliest send time free now, under taptalk.max_rate and this
+ * process's pace.
+ */
+static TimestampTz
+first_free(TimestampTz now)
+{
+	int64		interval = rate != NULL ? interval_us(taptalk_max_rate) : 0;
+	TimestampTz at = next_free(pace_last_at, pace_interval_us, now);
+
+	if (interval > 0)
+	{
+		TimestampTz last;
+
+		SpinLockAcquire(&rate->mutex);
+		last = rate->last_at;
+		SpinLockRelease(&rate->mutex);
+		at = Max(at, next_free(last, interval, now));
+	}
 	return at;
 }
 
@@ -172,21 +240,28 @@ taptalk_rate_reserve(TimestampTz now, TimestampTz latest)
 int
 taptalk_rate_room(int horizon_ms)
 {
-	int64		interval = rate != NULL ? send_interval_us() : 0;
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz end = now + (int64) horizon_ms * 1000;
-	int64		room = INT_MAX;
+	TimestampTz from = first_free(now);
+	int64		interval = Max(rate != NULL ? interval_us(taptalk_max_rate) : 0,
+							   pace_interval_us);
 
-	if (interval > 0)
-	{
-		TimestampTz from;
+	if (interval == 0)
+		return INT_MAX;
+	if (from >= end)
+		return 0;
+	return (int) Min((end - from) / interval + 1, (int64) INT_MAX);
+}
 
-		SpinLockAcquire(&rate->mutex);
-		from = Max(rate->next_free, now);
-		SpinLockRelease(&rate->mutex);
-		room = Max((end - from) / interval, 0);
-	}
-	if (pace_interval_us > 0)
-		room = Min(room, Max((end - Max(pace_next_free, now)) / pace_interval_us, 0));
-	return (int) Min(room, (int64) INT_MAX);
+/*
+ * When taptalk_rate_room(horizon_ms) will be at least 1 again: 0 when it is
+ * now.
+ */
+TimestampTz
+taptalk_rate_room_at(int horizon_ms)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz at = first_free(now) - (int64) horizon_ms * 1000;
+
+	return at > now ? at : 0;
 }

@@ -87,8 +87,19 @@ typedef struct TaptalkResult
 /* ratelimit.c: taptalk.max_rate, one budget for the whole server */
 extern double taptalk_max_rate;
 extern void taptalk_ratelimit_init(void);
-extern TimestampTz taptalk_rate_reserve(TimestampTz now, TimestampTz latest);
+/* a send time reserved, and what it replaced, to give it back */
+typedef struct TaptalkRateTicket
+{
+	TimestampTz at;				/* 0: none */
+	TimestampTz prev_shared;
+	TimestampTz prev_pace;
+} TaptalkRateTicket;
+
+extern TimestampTz taptalk_rate_reserve(TimestampTz now, TimestampTz latest,
+										TaptalkRateTicket *ticket);
+extern void taptalk_rate_release(const TaptalkRateTicket *ticket);
 extern int	taptalk_rate_room(int horizon_ms);
+extern TimestampTz taptalk_rate_room_at(int horizon_ms);
 extern void taptalk_rate_set_pace(double rate);
 
 /* settings (taptalk.c) */

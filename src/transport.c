@@ -107,6 +107,7 @@ typedef struct Slot
 	bool		reserved;		/* retry_at is the send time the rate limit
 								 * gave this attempt (ratelimit.c) */
 	TimestampTz attempt_at;		/* when the current attempt was sent */
+	TaptalkRateTicket ticket;	/* the send time reserved, while reserved */
 
 	/* filled by the libcurl callbacks; malloc'd, never palloc'd */
 	char	   *resp;
@@ -1561,7 +1562,8 @@ launch(TaptalkPath path, Slot *slot, struct curl_slist *headers,
 		TimestampTz now = GetCurrentTimestamp();
 		TimestampTz at;
 
-		at = taptalk_rate_reserve(now, slot->deadline - SEND_MARGIN_MS * 1000);
+		at = taptalk_rate_reserve(now, slot->deadline - SEND_MARGIN_MS * 1000,
+								  &slot->ticket);
 		if (at == 0)
 		{
 			settle_unsent(path, slot, done, arg);
@@ -1641,6 +1643,36 @@ collect_finished(TaptalkPath path, taptalk_done_fn done, void *arg)
 		MemoryContextReset(result_cxt);
 	}
 	return finished;
+}
+
+/*
+ * When a run is left with requests still waiting for their send time (an
+ * error, a cancel), give the times back, latest first (ratelimit.c).
+ * Never allocates.
+ */
+static void
+give_back_send_times(void)
+{
+	Slot	   *waiting[TAPTALK_MAX_CONCURRENCY];
+	int			n = 0;
+
+	for (int i = 0; i < nslots && n < TAPTALK_MAX_CONCURRENCY; i++)
+	{
+		if (slots[i]->busy && slots[i]->reserved)
+			waiting[n++] = slots[i];
+	}
+	/* latest first; a handful at most, so an insertion sort */
+	for (int i = 1; i < n; i++)
+	{
+		Slot	   *s = waiting[i];
+		int			j = i;
+
+		for (; j > 0 && waiting[j - 1]->ticket.at < s->ticket.at; j--)
+			waiting[j] = waiting[j - 1];
+		waiting[j] = s;
+	}
+	for (int i = 0; i < n; i++)
+		taptalk_rate_release(&waiting[i]->ticket);
 }
 
 /*
@@ -1757,6 +1789,7 @@ taptalk_transport_run(TaptalkPath path, taptalk_next_fn next,
 	}
 	PG_FINALLY();
 	{
+		give_back_send_times();
 		for (int i = 0; i < nslots; i++)
 		{
 			if (slots[i]->busy)

@@ -172,6 +172,16 @@ my ($ret, $stdout, $stderr) = $node->psql('postgres',
 $took = time - $t0;
 like($stderr, qr/canceling statement due to statement timeout/, 'statement_timeout cancels a wait for max_rate');
 cmp_ok($took, '<', 2, sprintf('at once (%.2f s; the rate alone would take 8 s)', $took));
+
+# a higher rate applies at once: the send times the cancelled batch took at
+# 0.5 a second (up to 8 s ahead) hold no one back
+set_conf("taptalk.max_rate = 20");
+$t0 = time;
+is( q1(q{SELECT count(*) FILTER (WHERE error_code IS NULL)
+	FROM taptalk_auth_tickets(ARRAY(SELECT req('budget-r-' || i) FROM generate_series(1, 5) i))}),
+	'5', 'after raising max_rate, a batch succeeds');
+$took = time - $t0;
+cmp_ok($took, '<', 1.5, sprintf('at the new rate at once (%.2f s)', $took));
 set_conf("taptalk.max_rate = 0");
 
 # ----------------------- the worker's window without a Retry-After
