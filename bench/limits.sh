@@ -203,6 +203,20 @@ limits_log_429s() {
 			print "" }'
 }
 
+# limits_log_pace OFFSET PATH: the requests under PATH that nginx admitted
+# (200s) in each second since the first request's arrival: "N,N,..."
+limits_log_pace() {
+	tail -c +"$(($1 + 1))" "$LIMIT_LOG" | awk -v p="$2/" '
+		index($4, p) != 1 { next }
+		{ a = $1 - $2; if (!seen || a < first) first = a; seen = 1
+		  if ($3 == 200) t[++n] = a }
+		END {
+			if (n == 0) { print "-"; exit }
+			for (i = 1; i <= n; i++) { s = int(t[i] - first); c[s]++; if (s > last) last = s }
+			for (s = 0; s <= last; s++) printf "%s%d", (s > 0 ? "," : ""), c[s]
+			print "" }'
+}
+
 # limits_wait_idle FIRST LAST: until no request from FIRST to LAST is queued
 # or sending, sampling taptalk_worker meanwhile into $BENCH_DIR/limits_samples
 # ("STATE IN_FLIGHT CONCURRENCY", "-" when the view has no concurrency)
@@ -262,7 +276,7 @@ SQL
 # limits_queue VARIANT PATH: one drain against the limited location PATH,
 # appended to $BENCH_DIR/limits_queue
 limits_queue() {
-	local variant=$1 path=$2 offset first last start end states nginx stats samples ideal profile
+	local variant=$1 path=$2 offset first last start end states nginx stats samples ideal profile pace
 	pg -v url="$URL$path" <<'SQL'
 ALTER SYSTEM SET taptalk.base_url = :'url';
 ALTER SYSTEM RESET taptalk.worker_concurrency;
@@ -286,12 +300,13 @@ SQL
 	nginx=$(limits_log_counts "$offset" "$path")
 	stats=$(pg -c "SELECT bench_limits_delta('before', 'after', 'queue')")
 	profile=$(limits_log_429s "$offset" "$path")
+	pace=$(limits_log_pace "$offset" "$path")
 	ideal=$(awk -v n="$LIMIT_QUEUE_REQUESTS" -v r="$LIMIT_RATE" -v b="$LIMIT_BURST" -v d="$SLOT_DELAY_MS" \
 		'BEGIN { x = n > b ? (n - b) / r : 0; printf "%.3f", x + d / 1000 }')
 	# VARIANT SECONDS IDEAL | SUCCEEDED FAILED SUM_ATT MAX_ATT ERRORS |
-	# RECEIVED 200 429 OTHER | STATS(6) | SAMPLES(5) | 429S
+	# RECEIVED 200 429 OTHER | STATS(6) | SAMPLES(5) | 429S | 200S
 	echo "$variant $(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }') $ideal" \
-		"$states $nginx $stats $samples $profile" >>"$BENCH_DIR/limits_queue"
+		"$states $nginx $stats $samples $profile $pace" >>"$BENCH_DIR/limits_queue"
 }
 
 # limits_batch VARIANT PATH: one batch against the limited location PATH,
@@ -428,10 +443,12 @@ limits_report() {
 	echo " attempts: the requests nginx received per request; stats att, rate_lim, wait ms: what"
 	echo " taptalk_stats' attempts, rate_limited and rate_limit_wait_ms gained, \"-\" when it lacks the column)"
 	while read -r v s ideal succ fail sum_att max_att errs recv ok lim other \
-		st_req st_att st_succ st_fail st_rl st_wait samples rl_samples cmin cmed cmax profile; do
-		echo "queue, $v: $succ succeeded, $fail failed (errors: $errs); taptalk_queue.attempts sum $sum_att, max $max_att;" \
-			"taptalk_worker.concurrency while sending min/median/max $cmin/$cmed/$cmax;" \
-			"'rate limited' in $rl_samples of $samples samples; 429s by second from the first arrival: $profile"
+		st_req st_att st_succ st_fail st_rl st_wait samples rl_samples cmin cmed cmax profile pace; do
+		echo "queue, $v: $succ succeeded, $fail failed (errors: $errs); taptalk_queue.attempts sum $sum_att, max $max_att"
+		echo "   taptalk_worker.concurrency while sending min/median/max $cmin/$cmed/$cmax;" \
+			"'rate limited' in $rl_samples of $samples samples"
+		echo "   429s by second from the first arrival (SECOND:COUNT): $profile"
+		echo "   200s in each second from the first arrival: $pace"
 	done <"$BENCH_DIR/limits_queue"
 	while read -r v s okrows errs _; do
 		echo "batch, $v: errors of the rows that failed: $errs"
