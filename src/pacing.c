@@ -55,12 +55,12 @@
 #define OUTAGE_AFTER 10
 #define OUTAGE_MAX_MS (60 * 1000)
 /*
- * TapTalk's rate limit (a 429): sending pauses for the answer's Retry-After,
- * at most RATELIMIT_MAX_MS, or without one (when TapTalk accepted nothing in
- * the last second) for about RATELIMIT_BASE_MS, doubling with each pause in
- * a row, at most RATELIMIT_GUESS_MAX_MS
+ * TapTalk's rate limit (a 429): sending pauses for the answer's
+ * Retry-After, at most TAPTALK_QUEUE_RETRY_AFTER_MAX_MS, or without one
+ * (when TapTalk accepted nothing in the last second) for about
+ * RATELIMIT_BASE_MS, doubling with each pause in a row, at most
+ * RATELIMIT_GUESS_MAX_MS
  */
-#define RATELIMIT_MAX_MS (10 * 60 * 1000)
 #define RATELIMIT_BASE_MS 1000
 #define RATELIMIT_GUESS_MAX_MS (60 * 1000)
 /* a rate limit pause is logged at most this often */
@@ -322,7 +322,8 @@ answer_rate_limited(const TaptalkResult *result, TimestampTz sent_at)
 		cut_at = now;
 	}
 	if (result->retry_after_ms > 0)
-		wait_ms = Min(result->retry_after_ms, (int64) RATELIMIT_MAX_MS);
+		wait_ms = Min(result->retry_after_ms,
+					  (int64) TAPTALK_QUEUE_RETRY_AFTER_MAX_MS);
 	else if (news && took == 0)
 	{
 		/* TapTalk took nothing lately: wait, longer each time in a row */
