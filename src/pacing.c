@@ -22,7 +22,9 @@
  *	 is tried again after about five seconds, and a 429 then cuts it again;
  * - the rate is forgotten once it would let more than
  *	 taptalk.worker_concurrency requests be in flight at TapTalk's round
- *	 trip time: it is then no longer the limit.
+ *	 trip time (it is then no longer the limit), and after a minute
+ *	 without a 429 (the queue was idle, or the limit has moved: the next
+ *	 429 shows the limit of the day).
  *
  * The worker's concurrency, as taptalk_worker shows it, is that rate times
  * the round trip of the latest accepted answer: the requests it keeps in
@@ -71,6 +73,8 @@
 #define RATE_GROWTH 0.02
 /* the lowest rate the worker adapts to (requests/s) */
 #define RATE_MIN 0.1
+/* a pace without a 429 for this long is forgotten */
+#define PACE_FORGET_MS (60 * 1000)
 /* accepted answers remembered, to measure the rate TapTalk accepts */
 #define ACCEPTED_RING 4096
 /* the worker takes up what taptalk.max_rate allows in this long */
@@ -399,6 +403,9 @@ taptalk_pacing_allowance(int want, int in_flight, int claimed)
 	/* TapTalk's rate limit: nothing during a pause */
 	if (ratelimit_until > GetCurrentTimestamp())
 		return 0;
+	if (pace > 0 &&
+		TimestampDifferenceExceeds(cut_at, GetCurrentTimestamp(), PACE_FORGET_MS))
+		set_pace(0);
 	/* what the pace and taptalk.max_rate leave in the next moment */
 	return Min(want, Max(taptalk_rate_room(RATE_HORIZON_MS) - claimed, 0));
 }
