@@ -22,7 +22,9 @@
  *	 is tried again after about five seconds, and a 429 then cuts it again;
  * - the rate is forgotten once it would let more than
  *	 taptalk.worker_concurrency requests be in flight at TapTalk's round
- *	 trip time: it is then no longer the limit.
+ *	 trip time (it is then no longer the limit), and after a minute
+ *	 without a 429 (the queue was idle, or the limit has moved: the next
+ *	 429 shows the limit of the day).
  *
  * The worker's concurrency, as taptalk_worker shows it, is that rate times
  * the round trip of the latest accepted answer: the requests it keeps in
@@ -55,12 +57,12 @@
 #define OUTAGE_AFTER 10
 #define OUTAGE_MAX_MS (60 * 1000)
 /*
- * TapTalk's rate limit (a 429): sending pauses for the answer's Retry-After,
- * at most RATELIMIT_MAX_MS, or without one (when TapTalk accepted nothing in
- * the last second) for about RATELIMIT_BASE_MS, doubling with each pause in
- * a row, at most RATELIMIT_GUESS_MAX_MS
+ * TapTalk's rate limit (a 429): sending pauses for the answer's
+ * Retry-After, at most TAPTALK_QUEUE_RETRY_AFTER_MAX_MS, or without one
+ * (when TapTalk accepted nothing in the last second) for about
+ * RATELIMIT_BASE_MS, doubling with each pause in a row, at most
+ * RATELIMIT_GUESS_MAX_MS
  */
-#define RATELIMIT_MAX_MS (10 * 60 * 1000)
 #define RATELIMIT_BASE_MS 1000
 #define RATELIMIT_GUESS_MAX_MS (60 * 1000)
 /* a rate limit pause is logged at most this often */
@@ -71,6 +73,8 @@
 #define RATE_GROWTH 0.02
 /* the lowest rate the worker adapts to (requests/s) */
 #define RATE_MIN 0.1
+/* a pace without a 429 for this long is forgotten */
+#define PACE_FORGET_MS (60 * 1000)
 /* accepted answers remembered, to measure the rate TapTalk accepts */
 #define ACCEPTED_RING 4096
 /* the worker takes up what taptalk.max_rate allows in this long */
@@ -322,7 +326,8 @@ answer_rate_limited(const TaptalkResult *result, TimestampTz sent_at)
 		cut_at = now;
 	}
 	if (result->retry_after_ms > 0)
-		wait_ms = Min(result->retry_after_ms, (int64) RATELIMIT_MAX_MS);
+		wait_ms = Min(result->retry_after_ms,
+					  (int64) TAPTALK_QUEUE_RETRY_AFTER_MAX_MS);
 	else if (news && took == 0)
 	{
 		/* TapTalk took nothing lately: wait, longer each time in a row */
@@ -398,6 +403,9 @@ taptalk_pacing_allowance(int want, int in_flight, int claimed)
 	/* TapTalk's rate limit: nothing during a pause */
 	if (ratelimit_until > GetCurrentTimestamp())
 		return 0;
+	if (pace > 0 &&
+		TimestampDifferenceExceeds(cut_at, GetCurrentTimestamp(), PACE_FORGET_MS))
+		set_pace(0);
 	/* what the pace and taptalk.max_rate leave in the next moment */
 	return Min(want, Max(taptalk_rate_room(RATE_HORIZON_MS) - claimed, 0));
 }

@@ -260,6 +260,11 @@ extern void taptalk_claim_taken(int want, int n, const Oid *roles,
 								const TimestampTz *ats, const int64 *ids);
 
 /* pacing.c: how much the queue's worker sends, as TapTalk answers */
+/*
+ * the queue waits a Retry-After (a 429's: all sending; a 503's: its
+ * request) at most this long
+ */
+#define TAPTALK_QUEUE_RETRY_AFTER_MAX_MS (10 * 60 * 1000)
 extern bool taptalk_retryable(const TaptalkResult *result);
 extern bool taptalk_rate_limited(const TaptalkResult *result);
 extern double taptalk_backoff_ms(int attempts, int max_ms);

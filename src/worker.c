@@ -85,8 +85,6 @@ int			taptalk_retention_s = 86400;
 #define STEP_ERROR_WAIT_MS 1000
 /* expired leases are looked for at most this often */
 #define LEASE_CHECK_MS 1000
-/* a 503's Retry-After delays a queued request's retry at most this long */
-#define RETRY_AFTER_MAX_MS (10 * 60 * 1000)
 
 /*
  * What the worker is doing, as the view taptalk_worker shows it (the names
@@ -1064,8 +1062,8 @@ runs_callback(const QueueItem *item)
 /*
  * How long a request waits before its next attempt: until TapTalk's rate
  * limit pause ends after a 429 or when not sent, at least the Retry-After
- * of a 503 (at most RETRY_AFTER_MAX_MS), else the exponential backoff of its
- * attempts.
+ * of a 503 (at most TAPTALK_QUEUE_RETRY_AFTER_MAX_MS), else the
+ * exponential backoff of its attempts.
  */
 static double
 retry_delay_ms(const QueueItem *item)
@@ -1077,7 +1075,7 @@ retry_delay_ms(const QueueItem *item)
 	delay = taptalk_backoff_ms(item->attempts, BACKOFF_MAX_MS);
 	if (item->result.retry_after_ms > 0)
 		delay = Max(delay, (double) Min(item->result.retry_after_ms,
-										(int64) RETRY_AFTER_MAX_MS));
+										(int64) TAPTALK_QUEUE_RETRY_AFTER_MAX_MS));
 	return delay;
 }
 
