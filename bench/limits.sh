@@ -33,7 +33,9 @@
 #                ideal = (requests - burst) / rate + delay
 #            (19.05 s for 2,000 at 100/s with a burst of 100 and 50 ms), the
 #            least any client can take.  Attempts: the requests nginx
-#            received (200s and 429s), against the requests.
+#            received (200s and 429s), against the requests.  nginx's log
+#            also gives the 429s and the 200s of each second of the drain,
+#            which show the worker's pace.
 #   batch    SELECT ... FROM taptalk_auth_tickets(<LIMIT_BATCH_REQUESTS
 #            requests>) in one session with default settings, its
 #            taptalk.base_url the limited server; the envelope variant, then
