@@ -12,14 +12,20 @@
  * without one, the worker adapts its pace so that it settles just below
  * the rate TapTalk accepts instead of swinging around it:
  *
- * - a 429 for a request sent after the last cut sets the worker's rate to
- *	 90% of the rate TapTalk accepted in the last second (answers that were
- *	 not 429s), or to half the rate before when it accepted none; 429s for
- *	 requests sent before the cut say nothing new and change nothing;
+ * - a 429 sets the worker's rate to 90% of the rate TapTalk accepted in
+ *	 the last second (answers that were not 429s), or to half the rate
+ *	 before when it accepted none.  The rate is cut at most once a second,
+ *	 and only by a 429 for a request sent after the last cut: a quota stays
+ *	 used up until its period ends, and answers 429 to everything
+ *	 meanwhile;
  * - requests are then sent evenly spaced at that rate (ratelimit.c's
  *	 local pace), and each accepted answer raises it by 1/50 of a request a
- *	 second: 2% a second, whatever the rate, so the rate that drew the 429
- *	 is tried again after about five seconds, and a 429 then cuts it again;
+ *	 second (2% a second, whatever the rate) up to the rate TapTalk
+ *	 accepted before the cut, in about five seconds, and from there by
+ *	 1/200 (0.5% a second): the rate that drew the 429 is exceeded only
+ *	 slowly, so that a limiter's reserve (a token bucket that filled while
+ *	 the worker sent less) is spent over a long time instead of carrying
+ *	 the rate far above the limit, and a 429 then cuts it again;
  * - the rate is forgotten once it would let more than
  *	 taptalk.worker_concurrency requests be in flight at TapTalk's round
  *	 trip time (it is then no longer the limit), and after a minute
@@ -73,6 +79,10 @@
 #define RATE_GROWTH 0.02
 /* the lowest rate the worker adapts to (requests/s) */
 #define RATE_MIN 0.1
+/* the pace is cut at most this often */
+#define CUT_EVERY_MS 1000
+/* above the rate of the last 429, each accepted answer raises it by this much */
+#define RATE_PROBE 0.005
 /* a pace without a 429 for this long is forgotten */
 #define PACE_FORGET_MS (60 * 1000)
 /* accepted answers remembered, to measure the rate TapTalk accepts */
@@ -209,6 +219,8 @@ static TimestampTz ratelimit_logged = 0;
 static double pace = 0;			/* requests/s at most; 0: not adapting */
 static TimestampTz cut_at = 0;	/* when the pace was last cut */
 static double round_trip_s = 0; /* of the latest accepted answer */
+static double rate_429 = 0;		/* what TapTalk accepted in the second
+								 * before the last cut */
 
 /* when the latest accepted answers came, a ring */
 static TimestampTz accepted[ACCEPTED_RING];
@@ -294,7 +306,7 @@ answer_accepted(TimestampTz sent_at)
 	if ((pace + RATE_GROWTH) * round_trip_s > taptalk_worker_concurrency)
 		set_pace(0);
 	else
-		set_pace(pace + RATE_GROWTH);
+		set_pace(pace + (pace < rate_429 ? RATE_GROWTH : RATE_PROBE));
 }
 
 /*
@@ -307,22 +319,25 @@ answer_rate_limited(const TaptalkResult *result, TimestampTz sent_at)
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz until;
 	int64		wait_ms = 0;
-	bool		news = sent_at >= cut_at;
 	int			took = accepted_last_second(now);
+
+	/*
+	 * A quota stays used up until its period (a second, mostly) ends, and
+	 * answers 429 to everything meanwhile: once cut, the pace is not cut
+	 * again for a second, whatever those 429s say.
+	 */
+	bool		news = sent_at >= cut_at &&
+		TimestampDifferenceExceeds(cut_at, now, CUT_EVERY_MS);
 
 	if (news)
 	{
 		double		rate = RATE_CUT * took;
 
-		/*
-		 * Not compounded with the pace before: a quota that stays used up
-		 * until its period ends sends a 429 every round trip meanwhile,
-		 * each with the same rate accepted in the last second.
-		 */
 		if (took == 0)
 			rate = pace / 2;
 		if (rate > 0 || pace > 0)
 			set_pace(Max(rate, RATE_MIN));
+		rate_429 = took;
 		cut_at = now;
 	}
 	if (result->retry_after_ms > 0)
