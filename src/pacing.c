@@ -19,9 +19,9 @@
  *	 used up until its period ends, and answers 429 to everything
  *	 meanwhile;
  * - requests are then sent evenly spaced at that rate (ratelimit.c's
- *	 local pace), and each accepted answer raises it by 1/50 of a request a
- *	 second (2% a second, whatever the rate) up to the rate TapTalk
- *	 accepted before the cut, in about five seconds, and from there by
+ *	 local pace), and each accepted answer raises it by 1/20 of a request a
+ *	 second (5% a second, whatever the rate) up to the rate TapTalk
+ *	 accepted before the cut, in about two seconds, and from there by
  *	 1/200 (0.5% a second): the rate that drew the 429 is exceeded only
  *	 slowly, so that a limiter's reserve (a token bucket that filled while
  *	 the worker sent less) is spent over a long time instead of carrying
@@ -76,7 +76,7 @@
 /* after a 429 the rate is this share of what TapTalk accepted */
 #define RATE_CUT 0.9
 /* each accepted answer raises the rate by this much (requests/s) */
-#define RATE_GROWTH 0.02
+#define RATE_GROWTH 0.05
 /* the lowest rate the worker adapts to (requests/s) */
 #define RATE_MIN 0.1
 /* the pace is cut at most this often */

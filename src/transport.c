@@ -1547,11 +1547,11 @@ settle_unsent(TaptalkPath path, Slot *slot, taptalk_done_fn done, void *arg)
 
 /*
  * Send the slot's next attempt now, or note when it may be: under
- * taptalk.max_rate an attempt first reserves its send time (ratelimit.c),
- * then waits for it in the run's loop, on the latch.  The
- * wait is within the request's timeout, which runs from its first attempt.
- * Returns false when the request is settled instead: no send time within
- * its timeout, or libcurl refused to start it.
+ * taptalk.max_rate (or the worker's pace) an attempt first reserves its
+ * send time (ratelimit.c), then waits for it in the run's loop, on the
+ * latch.  The wait is within the request's timeout, which runs from when
+ * the request was taken up.  Returns false when the request is settled
+ * instead: no send time within its timeout, or libcurl refused to start it.
  */
 static bool
 launch(TaptalkPath path, Slot *slot, struct curl_slist *headers,
