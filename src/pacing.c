@@ -22,10 +22,11 @@
  *	 local pace), and each accepted answer raises it by 1/20 of a request a
  *	 second (5% a second, whatever the rate) up to the rate TapTalk
  *	 accepted before the cut, in about two seconds, and from there by
- *	 1/200 (0.5% a second): the rate that drew the 429 is exceeded only
+ *	 1/100 (1% a second): the rate that drew the 429 is passed only
  *	 slowly, so that a limiter's reserve (a token bucket that filled while
- *	 the worker sent less) is spent over a long time instead of carrying
- *	 the rate far above the limit, and a 429 then cuts it again;
+ *	 the worker sent less) is spent over several seconds instead of
+ *	 carrying the rate far above the limit at once, and a 429 then cuts it
+ *	 again;
  * - the rate is forgotten once it would let more than
  *	 taptalk.worker_concurrency requests be in flight at TapTalk's round
  *	 trip time (it is then no longer the limit), and after a minute
@@ -82,7 +83,7 @@
 /* the pace is cut at most this often */
 #define CUT_EVERY_MS 1000
 /* above the rate of the last 429, each accepted answer raises it by this much */
-#define RATE_PROBE 0.005
+#define RATE_PROBE 0.01
 /* a pace without a 429 for this long is forgotten */
 #define PACE_FORGET_MS (60 * 1000)
 /* accepted answers remembered, to measure the rate TapTalk accepts */
