@@ -104,11 +104,8 @@ note 'old cluster: ' . $old->safe_psql('postgres', 'SELECT version()');
 
 my (%role, %callback);
 
-$old->safe_psql('postgres', 'CREATE DATABASE app');
-$old->safe_psql('app', 'CREATE EXTENSION taptalk');
-TaptalkTest::create_helpers($old, 'app');
 {
-	my ($r, $c) = TaptalkTest::create_role_callbacks($old, 'app');
+	my ($r, $c) = TaptalkTest::app_with_role_callbacks($old);
 	%role = %$r;
 	%callback = %$c;
 }
@@ -118,10 +115,8 @@ TaptalkTest::create_helpers($old, 'app');
 sub enqueue
 {
 	my ($node, $k, $kind, $n, $invalid) = @_;
-	my $req = "req('upg-$k-$kind-' || i)" . ($invalid ? " - 'fullName'" : '');
-	return $node->safe_psql('app',
-		"SELECT count(taptalk_enqueue($req, '$callback{$k}')) FROM generate_series(1, $n) i",
-		extra_params => [ '-U', $role{$k} ]);
+	return TaptalkTest::enqueue_as($node, $role{$k}, $callback{$k}, "upg-$k-$kind", $n,
+		$invalid);
 }
 
 # ------------------------------------ failed requests: TapTalk out of reach

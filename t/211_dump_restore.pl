@@ -33,11 +33,8 @@ my $src = TaptalkTest::node('src', mock => $mock, extension => 0);
 
 my (%role, %callback);
 
-$src->safe_psql('postgres', 'CREATE DATABASE app');
-$src->safe_psql('app', 'CREATE EXTENSION taptalk');
-TaptalkTest::create_helpers($src, 'app');
 {
-	my ($r, $c) = TaptalkTest::create_role_callbacks($src, 'app');
+	my ($r, $c) = TaptalkTest::app_with_role_callbacks($src);
 	%role = %$r;
 	%callback = %$c;
 }
@@ -47,10 +44,8 @@ TaptalkTest::create_helpers($src, 'app');
 sub enqueue
 {
 	my ($node, $k, $kind, $n, $invalid) = @_;
-	my $req = "req('dr-$k-$kind-' || i)" . ($invalid ? " - 'fullName'" : '');
-	return $node->safe_psql('app',
-		"SELECT string_agg(taptalk_enqueue($req, '$callback{$k}')::text, ',') FROM generate_series(1, $n) i",
-		extra_params => [ '-U', $role{$k} ]);
+	return TaptalkTest::enqueue_as($node, $role{$k}, $callback{$k}, "dr-$k-$kind", $n,
+		$invalid, 1);
 }
 
 my $mark = $mock->log_mark;

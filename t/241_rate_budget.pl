@@ -83,36 +83,23 @@ q1("SELECT taptalk_stats_reset()");
 
 my $mark = $mock->log_mark;
 my $connstr = $node->connstr('postgres');
-my @runs;
-for my $s (1 .. 2)
+# a psql session running $sql in the background: [harness, \$output]
+sub background_sql
 {
+	my ($sql) = @_;
 	my $out = '';
-	push @runs,
-	  [
-		IPC::Run::start(
-			[
-				'psql', '-XAtq', '-v', 'ON_ERROR_STOP=1', '-d', $connstr, '-c',
-				"SELECT count(*) FILTER (WHERE error_code IS NULL) FROM taptalk_auth_tickets("
-				  . "ARRAY(SELECT req('budget-b$s-' || i) FROM generate_series(1, 30) i))"
-			],
-			'>', \$out, '2>', \$out),
-		\$out
-	  ];
+	my $h = IPC::Run::start(
+		[ 'psql', '-XAtq', '-v', 'ON_ERROR_STOP=1', '-d', $connstr, '-c', $sql ],
+		'>', \$out, '2>', \$out);
+	return [ $h, \$out ];
 }
-{
-	my $out = '';
-	push @runs,
-	  [
-		IPC::Run::start(
-			[
-				'psql', '-XAtq', '-v', 'ON_ERROR_STOP=1', '-d', $connstr, '-c',
-				"SELECT count(*) FILTER (WHERE t.error_code IS NULL) FROM generate_series(1, 20) i,"
-				  . " LATERAL taptalk_auth_ticket(req('budget-s-' || i)) t"
-			],
-			'>', \$out, '2>', \$out),
-		\$out
-	  ];
-}
+my @runs = map {
+	background_sql("SELECT count(*) FILTER (WHERE error_code IS NULL) FROM taptalk_auth_tickets("
+		  . "ARRAY(SELECT req('budget-b$_-' || i) FROM generate_series(1, 30) i))")
+} 1 .. 2;
+push @runs,
+  background_sql("SELECT count(*) FILTER (WHERE t.error_code IS NULL) FROM generate_series(1, 20) i,"
+	  . " LATERAL taptalk_auth_ticket(req('budget-s-' || i)) t");
 q1("SELECT count(taptalk_enqueue(req('budget-q-' || i))) FROM generate_series(1, 40) i");
 my @counts;
 for my $r (@runs)

@@ -325,6 +325,46 @@ GRANT EXECUTE ON FUNCTION $callback{b} TO taptalk_caller;
 
 =pod
 
+=item TaptalkTest::app_with_role_callbacks($node)
+
+Creates the database C<app> with taptalk, the helpers and
+create_role_callbacks' two roles and callbacks; returns the same two hash
+references.
+
+=cut
+
+sub app_with_role_callbacks
+{
+	my ($node) = @_;
+	$node->safe_psql('postgres', 'CREATE DATABASE app');
+	$node->safe_psql('app', 'CREATE EXTENSION taptalk');
+	create_helpers($node, 'app');
+	return create_role_callbacks($node, 'app');
+}
+
+=pod
+
+=item TaptalkTest::enqueue_as($node, $role, $callback, $prefix, $n [, $invalid, $ids])
+
+As $role, in the database C<app>, enqueues the requests $prefix-1 ..
+$prefix-$n with $callback ($invalid: without fullName); returns how many,
+or with $ids their ids, comma-separated.
+
+=cut
+
+sub enqueue_as
+{
+	my ($node, $role, $callback, $prefix, $n, $invalid, $ids) = @_;
+	my $req = "req('$prefix-' || i)" . ($invalid ? " - 'fullName'" : '');
+	my $agg = $ids ? "string_agg(id::text, ',')" : 'count(id)';
+	return $node->safe_psql('app',
+		"SELECT $agg FROM (SELECT taptalk_enqueue($req, '$callback') AS id"
+		  . " FROM generate_series(1, $n) i) e",
+		extra_params => [ '-U', $role ]);
+}
+
+=pod
+
 =item TaptalkTest::create_memory_functions($node [, $dbname])
 
 Creates C<backend_memory()>, this backend's VmRSS, VmHWM (peak) and RssAnon

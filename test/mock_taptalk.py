@@ -977,23 +977,19 @@ class Connection:
                     if kind == "flaky":
                         return self.text(req, 503, SERVICE_UNAVAILABLE)
                     return self.reset()
-        elif f.startswith("quota-"):
-            n_txt, sep, rest = f[len("quota-"):].partition("-")
+        elif f.startswith("quota-") or f.startswith("quotaplain-"):
+            kind, _, spec = f.partition("-")
+            n_txt, sep, rest = spec.partition("-")
             group = rest.partition("-")[0]
             n = parse_uint(n_txt)
             if sep and group and n is not None and not st.quota_take(group, n):
                 st.log_ratelimited(self.port, group)
+                if kind == "quotaplain":
+                    return self.text(req, 429, "Too Many Requests")
                 return self.respond(req, 429, "application/json",
                                     envelope(429, "42900",
                                              "Too many requests", ""),
                                     (("Retry-After", "1"),))
-        elif f.startswith("quotaplain-"):
-            n_txt, sep, rest = f[len("quotaplain-"):].partition("-")
-            group = rest.partition("-")[0]
-            n = parse_uint(n_txt)
-            if sep and group and n is not None and not st.quota_take(group, n):
-                st.log_ratelimited(self.port, group)
-                return self.text(req, 429, "Too Many Requests")
         elif f.startswith("answer-"):
             answer = self.counted_answer(req, f[len("answer-"):])
             if answer is not None:
