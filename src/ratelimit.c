@@ -161,6 +161,8 @@ taptalk_rate_reserve(TimestampTz now, TimestampTz latest,
 	TimestampTz at = next_free(pace_last_at, pace_interval_us, now);
 
 	ticket->at = 0;
+	ticket->shared = false;
+	ticket->paced = false;
 	if (interval == 0)
 	{
 		if (at > latest)
@@ -176,12 +178,14 @@ taptalk_rate_reserve(TimestampTz now, TimestampTz latest,
 			return 0;
 		}
 		ticket->prev_shared = rate->last_at;
+		ticket->shared = true;
 		rate->last_at = at;
 		SpinLockRelease(&rate->mutex);
 	}
 	if (pace_interval_us > 0)
 	{
 		ticket->prev_pace = pace_last_at;
+		ticket->paced = true;
 		pace_last_at = at;
 	}
 	ticket->at = at;
@@ -197,16 +201,14 @@ taptalk_rate_reserve(TimestampTz now, TimestampTz latest,
 void
 taptalk_rate_release(const TaptalkRateTicket *ticket)
 {
-	if (ticket->at == 0)
-		return;
-	if (rate != NULL)
+	if (ticket->shared)
 	{
 		SpinLockAcquire(&rate->mutex);
 		if (rate->last_at == ticket->at)
 			rate->last_at = ticket->prev_shared;
 		SpinLockRelease(&rate->mutex);
 	}
-	if (pace_interval_us > 0 && pace_last_at == ticket->at)
+	if (ticket->paced && pace_last_at == ticket->at)
 		pace_last_at = ticket->prev_pace;
 }
 

@@ -91,6 +91,8 @@ extern void taptalk_ratelimit_init(void);
 typedef struct TaptalkRateTicket
 {
 	TimestampTz at;				/* 0: none */
+	bool		shared;			/* taptalk.max_rate reserved it */
+	bool		paced;			/* this process's pace reserved it */
 	TimestampTz prev_shared;
 	TimestampTz prev_pace;
 } TaptalkRateTicket;
