@@ -36,9 +36,10 @@
  * The worker's concurrency, as taptalk_worker shows it, is that rate times
  * the round trip of the latest accepted answer: the requests it keeps in
  * flight (taptalk.worker_concurrency when it is not adapting, 1 while it
- * probes an outage).  A 429 when TapTalk accepted nothing in the last
- * second and there is no usable Retry-After also pauses sending: about
- * 1 s, doubling with each such pause in a row, at most
+ * probes an outage).  A 429 without a usable Retry-After when TapTalk has
+ * accepted nothing since the pace was last cut (a quota used up until its
+ * period ends, which no pace can help) also pauses sending: about 250 ms,
+ * doubling with each such pause in a row, at most
  * RATELIMIT_GUESS_MAX_MS.  taptalk.max_rate (ratelimit.c) further bounds
  * what the worker takes up: no more than its pace and the server's rate
  * allow in the next RATE_HORIZON_MS.
@@ -66,11 +67,11 @@
 /*
  * TapTalk's rate limit (a 429): sending pauses for the answer's
  * Retry-After, at most TAPTALK_QUEUE_RETRY_AFTER_MAX_MS, or without one
- * (when TapTalk accepted nothing in the last second) for about
+ * (when TapTalk accepted nothing since the pace was last cut) for about
  * RATELIMIT_BASE_MS, doubling with each pause in a row, at most
  * RATELIMIT_GUESS_MAX_MS
  */
-#define RATELIMIT_BASE_MS 1000
+#define RATELIMIT_BASE_MS 250
 #define RATELIMIT_GUESS_MAX_MS (60 * 1000)
 /* a rate limit pause is logged at most this often */
 #define RATELIMIT_LOG_MS (60 * 1000)
@@ -222,6 +223,7 @@ static TimestampTz cut_at = 0;	/* when the pace was last cut */
 static double round_trip_s = 0; /* of the latest accepted answer */
 static double rate_429 = 0;		/* what TapTalk accepted in the second
 								 * before the last cut */
+static int	accepted_since_cut = 0;
 
 /* when the latest accepted answers came, a ring */
 static TimestampTz accepted[ACCEPTED_RING];
@@ -296,6 +298,7 @@ answer_accepted(TimestampTz sent_at)
 	TimestampTz now = GetCurrentTimestamp();
 
 	ratelimit_guesses = 0;
+	accepted_since_cut++;
 	accepted[accepted_next] = now;
 	accepted_next = (accepted_next + 1) % ACCEPTED_RING;
 	accepted_count = Min(accepted_count + 1, ACCEPTED_RING);
@@ -340,13 +343,20 @@ answer_rate_limited(const TaptalkResult *result, TimestampTz sent_at)
 			set_pace(Max(rate, RATE_MIN));
 		rate_429 = took;
 		cut_at = now;
+		accepted_since_cut = 0;
 	}
 	if (result->retry_after_ms > 0)
 		wait_ms = Min(result->retry_after_ms,
 					  (int64) TAPTALK_QUEUE_RETRY_AFTER_MAX_MS);
-	else if (news && took == 0)
+	else if (sent_at >= cut_at && accepted_since_cut == 0 &&
+			 (took == 0 || !news) && ratelimit_until <= now &&
+			 sent_at >= ratelimit_until)
 	{
-		/* TapTalk took nothing lately: wait, longer each time in a row */
+		/*
+		 * TapTalk took nothing since the cut (or lately), and this request
+		 * was sent after it: the quota is used up for now; wait, longer
+		 * each time in a row, instead of sending into it.
+		 */
 		wait_ms = Min((int64) RATELIMIT_BASE_MS << Min(ratelimit_guesses, 10),
 					  (int64) RATELIMIT_GUESS_MAX_MS);
 		ratelimit_guesses++;
