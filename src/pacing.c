@@ -379,6 +379,8 @@ answer_rate_limited(const TaptalkResult *result, TimestampTz sent_at)
 	/* the queue's time waited for TapTalk: each pause once, not per request */
 	taptalk_stats_rate_wait(TAPTALK_PATH_QUEUE, until - Max(now, ratelimit_until));
 	ratelimit_until = until;
+	/* requests already given a send time wait for the pause's end too */
+	taptalk_rate_hold(until);
 }
 
 /*
@@ -410,6 +412,7 @@ taptalk_pacing_reload(void)
 	outage_reset();
 	ratelimit_until = 0;
 	ratelimit_guesses = 0;
+	taptalk_rate_hold(0);
 }
 
 /*

@@ -61,6 +61,12 @@ static RateShared *rate = NULL;
 static int64 pace_interval_us = 0;
 static TimestampTz pace_last_at = 0;
 
+/*
+ * Nothing of this process's is sent before this time (the worker's pause
+ * for TapTalk's Retry-After); 0 for none
+ */
+static TimestampTz hold_until = 0;
+
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
@@ -100,6 +106,23 @@ interval_us(double per_second)
 	if (per_second <= 0)
 		return 0;
 	return (int64) Min(ceil(1000000.0 / per_second), (double) USECS_PER_DAY);
+}
+
+/*
+ * Hold this process's sends until `until` (0: release): sends already
+ * given a time wait too (taptalk_rate_held).
+ */
+void
+taptalk_rate_hold(TimestampTz until)
+{
+	hold_until = until;
+}
+
+/* The end of this process's hold when it is still on, else 0. */
+TimestampTz
+taptalk_rate_held(TimestampTz now)
+{
+	return hold_until > now ? hold_until : 0;
 }
 
 /* Set this process's own pace, in requests per second; 0 for none. */
@@ -158,7 +181,8 @@ taptalk_rate_reserve(TimestampTz now, TimestampTz latest,
 					 TaptalkRateTicket *ticket)
 {
 	int64		interval = rate != NULL ? interval_us(taptalk_max_rate) : 0;
-	TimestampTz at = next_free(pace_last_at, pace_interval_us, now);
+	TimestampTz at = Max(next_free(pace_last_at, pace_interval_us, now),
+						 hold_until);
 
 	ticket->at = 0;
 	ticket->shared = false;

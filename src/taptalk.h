@@ -100,6 +100,8 @@ typedef struct TaptalkRateTicket
 extern TimestampTz taptalk_rate_reserve(TimestampTz now, TimestampTz latest,
 										TaptalkRateTicket *ticket);
 extern void taptalk_rate_release(const TaptalkRateTicket *ticket);
+extern void taptalk_rate_hold(TimestampTz until);
+extern TimestampTz taptalk_rate_held(TimestampTz now);
 extern int	taptalk_rate_room(int horizon_ms);
 extern TimestampTz taptalk_rate_room_at(int horizon_ms);
 extern void taptalk_rate_set_pace(double rate);

@@ -1577,6 +1577,22 @@ launch(TaptalkPath path, Slot *slot, struct curl_slist *headers,
 			return true;
 		}
 	}
+	else
+	{
+		/* a send time given before a hold began waits for its end too */
+		TimestampTz held = taptalk_rate_held(GetCurrentTimestamp());
+
+		if (held != 0)
+		{
+			if (held > slot->deadline - SEND_MARGIN_MS * 1000)
+			{
+				settle_unsent(path, slot, done, arg);
+				return false;
+			}
+			slot->retry_at = held;
+			return true;
+		}
+	}
 	slot->reserved = false;
 	if (!start_attempt(slot, headers))
 	{
